@@ -1,0 +1,178 @@
+"""The `loracl` command: run, list, compare, report, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import LoraclError
+
+DEMO_METHODS = ["linear-probe", "seq-lora", "inflora", "joint"]
+
+
+def default_out(cfg) -> Path:
+    return Path("runs") / cfg.name / cfg.method_name / f"seed{cfg.seed}"
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .train import Runner
+
+    if args.resume and args.out and (Path(args.out) / "config.yaml").exists() and not (args.config or args.preset):
+        cfg = load_config(Path(args.out) / "config.yaml")
+    else:
+        cfg = load_config(args.config, preset=args.preset, method=args.method, seed=args.seed, out=args.out,
+                          sets=args.set or [])
+    out = Path(cfg.out) if cfg.out else default_out(cfg)
+    if args.resume and (out / "config.yaml").exists():
+        saved = load_config(out / "config.yaml")
+        if saved.model_dump(exclude={"out"}) != cfg.model_dump(exclude={"out"}):
+            raise LoraclError(f"--resume: the config differs from the stopped run's {out / 'config.yaml'}; "
+                              f"resume with the same command (or: loracl run --resume --out {out})")
+    if not args.resume and (out / "results.json").exists() and not args.overwrite:
+        raise LoraclError(f"{out} already holds a run; add --resume to continue it or --overwrite to replace it")
+    if args.overwrite and not args.resume:
+        import shutil
+
+        for sub in ("checkpoints", "results.json", "report.html", "tensorboard"):
+            p = out / sub
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+    runner = Runner(cfg, out, resume=args.resume, progress=args.progress)
+    results = runner.run()
+    m = results["metrics"]
+    keys = [k for k in ("final_acc", "final_acc_task_avg", "avg_inc_acc", "forgetting", "transfer", "average",
+                        "last", "pretrained_retention") if m.get(k) is not None]
+    print("  ".join(f"{k} {m[k]:.2f}" for k in keys))
+    return 0
+
+
+def cmd_list(args) -> int:
+    from .config import list_presets
+    from .methods import list_methods
+
+    print("presets:")
+    for name, desc in list_presets().items():
+        print(f"  {name:28s} {desc}")
+    print("methods:")
+    for name, desc in list_methods().items():
+        print(f"  {name:28s} {desc}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare
+
+    text = compare([Path(d) for d in args.dirs], out=Path(args.out) if args.out else None, ref=args.ref)
+    print(text)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import write_report
+
+    path = write_report(Path(args.dir))
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The embedded demo: several methods on the bundled benchmark, then the comparison table."""
+    from .compare import compare
+    from .config import load_config
+    from .methods import list_methods
+    from .train import Runner
+
+    known = list_methods()
+    methods = [m for m in (args.methods or DEMO_METHODS) if m in known]
+    root = Path(args.out)
+    dirs = []
+    for m in methods:
+        cfg = load_config(preset="demo", method=m, seed=args.seed, sets=args.set or [])
+        out = root / m / f"seed{args.seed}"
+        if (out / "results.json").exists():
+            import json
+
+            if json.loads((out / "results.json").read_text()).get("status") == "complete" and not args.overwrite:
+                print(f"{m}: already done in {out} (use --overwrite to redo)")
+                dirs.append(out)
+                continue
+        Runner(cfg, out, resume=(out / "checkpoints").exists() and not args.overwrite, progress=args.progress).run()
+        dirs.append(out)
+    print()
+    print(compare(dirs, out=root / "comparison.md"))
+    print(f"\nreports: " + ", ".join(str(d / "report.html") for d in dirs))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loracl", description=__doc__.split("\n")[0] if __doc__ else None)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run one continual-learning experiment",
+                       description="Run one experiment from a preset (--preset NAME) or a config file.")
+    r.add_argument("config", nargs="?", help="config YAML (instead of --preset)")
+    r.add_argument("--preset", help="preset name (see `loracl list`)")
+    r.add_argument("--method", help="method name (overrides the preset's)")
+    r.add_argument("--seed", type=int)
+    r.add_argument("--out", help="output folder (default runs/<preset>/<method>/seed<seed>)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    r.add_argument("--resume", action="store_true", help="continue a stopped run in --out from its last checkpoint")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    r.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars (default: when stderr is a terminal)")
+    r.set_defaults(fn=cmd_run)
+
+    ls = sub.add_parser("list", help="show presets and methods")
+    ls.set_defaults(fn=cmd_list)
+
+    c = sub.add_parser("compare", help="table (mean +- std over seeds) of finished runs")
+    c.add_argument("dirs", nargs="+", help="run folders, or folders containing runs")
+    c.add_argument("--out", help="write the table here (.md; a .json beside it)")
+    c.add_argument("--ref", help="method whose FLOPs the ratios are relative to (default: the first row)")
+    c.set_defaults(fn=cmd_compare)
+
+    rep = sub.add_parser("report", help="(re)write report.html of a run folder")
+    rep.add_argument("dir")
+    rep.set_defaults(fn=cmd_report)
+
+    d = sub.add_parser("demo", help="run the embedded offline demo and print the comparison")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--methods", nargs="+", help=f"default: {' '.join(DEMO_METHODS)}")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE")
+    d.add_argument("--overwrite", action="store_true")
+    d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    d.set_defaults(fn=cmd_demo)
+
+    try:
+        from .bench import add_parser as add_bench
+    except ImportError:
+        add_bench = None
+    if add_bench is not None:
+        add_bench(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if os.environ.get("LORACL_PROGRESS") and getattr(args, "progress", None) is None:
+        args.progress = os.environ["LORACL_PROGRESS"] not in ("0", "false")
+    try:
+        return args.fn(args)
+    except LoraclError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished tasks are saved; continue with the same command plus --resume",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""`loracl compare`: a table of finished runs, mean +- std over seeds, with cost ratios."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+from pathlib import Path
+
+from .errors import LoraclError
+
+COLUMNS = [
+    ("final_acc", "final acc"),
+    ("final_acc_task_avg", "final acc (task avg)"),
+    ("avg_inc_acc", "avg inc acc"),
+    ("forgetting", "forgetting"),
+    ("bwt", "BWT"),
+    ("transfer", "Transfer"),
+    ("average", "Average"),
+    ("last", "Last"),
+    ("pretrained_retention", "pretrained retention"),
+]
+
+
+def find_runs(dirs: list[Path]) -> list[Path]:
+    runs = []
+    for d in dirs:
+        if not d.exists():
+            raise LoraclError(f"no such folder: {d}")
+        if (d / "results.json").exists():
+            runs.append(d)
+        else:
+            runs.extend(sorted(p.parent for p in d.rglob("results.json")))
+    if not runs:
+        raise LoraclError(f"no results.json under {', '.join(map(str, dirs))}")
+    return runs
+
+
+def _config_key(run: Path) -> str:
+    import yaml
+
+    p = run / "config.yaml"
+    if not p.exists():
+        return ""
+    cfg = yaml.safe_load(p.read_text()) or {}
+    for k in ("seed", "out", "data_root", "weights_root", "threads", "device"):
+        cfg.pop(k, None)
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(runs: list[Path]) -> list[dict]:
+    groups: dict[tuple, list[dict]] = {}
+    where: dict[tuple, set] = {}
+    for run in runs:
+        r = json.loads((run / "results.json").read_text())
+        if r.get("status") != "complete":
+            continue
+        key = (r["benchmark"], r["method"], _config_key(run))
+        groups.setdefault(key, []).append(r)
+        where.setdefault(key, set()).add(run.parent.name if run.name.startswith("seed") else run.name)
+    by_method: dict[tuple, int] = {}
+    for b, m, _ in groups:
+        by_method[(b, m)] = by_method.get((b, m), 0) + 1
+    rows = []
+    for key, rs in groups.items():
+        b, m, _ = key
+        label = m if by_method[(b, m)] == 1 else f"{m} ({'/'.join(sorted(where[key]))})"
+        row = {"benchmark": b, "method": label, "seeds": sorted(r["seed"] for r in rs), "metrics": {}}
+        for k, _ in COLUMNS:
+            row["metrics"][k] = _mean_std([r["metrics"].get(k) for r in rs])
+        secs = [sum(x or 0 for x in r["cost"]["train_seconds_per_task"]) / max(sum(1 for x in r["cost"]["train_seconds_per_task"] if x), 1) for r in rs]
+        flops = [sum(x or 0 for x in r["cost"]["train_flops_per_task"]) for r in rs]
+        row["seconds_per_task"] = _mean_std(secs)
+        row["total_flops"] = _mean_std(flops)
+        rows.append(row)
+    rows.sort(key=lambda r: (r["benchmark"], r["method"]))
+    return rows
+
+
+def _cell(ms, nd=2):
+    m, s = ms
+    if m is None:
+        return "–"
+    return f"{m:.{nd}f} ± {s:.{nd}f}"
+
+
+def render(rows: list[dict], ref: str | None = None) -> str:
+    used = [(k, h) for k, h in COLUMNS if any(r["metrics"][k][0] is not None for r in rows)]
+    head = ["benchmark", "method", "seeds"] + [h for _, h in used] + ["train s/task", "train TFLOPs (all tasks)",
+                                                                      "FLOPs ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for bench in sorted({r["benchmark"] for r in rows}):
+        rs = [r for r in rows if r["benchmark"] == bench]
+        base = next((r for r in rs if ref and r["method"] == ref), rs[0])
+        bf = base["total_flops"][0]
+        for r in rs:
+            f = r["total_flops"][0]
+            ratio = f"{f / bf:.2f}x" if f and bf else "–"
+            cells = [bench, r["method"], ",".join(map(str, r["seeds"]))]
+            cells += [_cell(r["metrics"][k]) for k, _ in used]
+            cells += [_cell(r["seconds_per_task"], 1), _cell((f / 1e12 if f else None, (r["total_flops"][1] or 0) / 1e12), 3),
+                      ratio]
+            lines.append("| " + " | ".join(cells) + " |")
+    note = f"FLOPs ratio: relative to {'`' + ref + '`' if ref else 'the first row of each benchmark'}; " \
+           "mean ± std over seeds; accuracies in %."
+    return "\n".join(lines) + "\n\n" + note
+
+
+def compare(dirs: list[Path], out: Path | None = None, ref: str | None = None) -> str:
+    runs = find_runs(dirs)
+    rows = summarize(runs)
+    if not rows:
+        raise LoraclError("no complete runs to compare (results.json with status 'complete')")
+    text = render(rows, ref)
+    if out is None:
+        common = Path(os.path.commonpath([str(p.resolve()) for p in runs]))
+        out = (common if common.is_dir() else common.parent) / "comparison.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    return text + f"\n\n(written to {out})"

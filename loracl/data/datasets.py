@@ -1,0 +1,438 @@
+"""Datasets by name: image folders (with or without split files) and torchvision datasets that download.
+
+A dataset resolves to `DatasetSplits`: class names plus a train and a test `ImageSet`. An `ImageSet` is
+a list of (source, index, target) rows over one or more `ImageSource`s; images are read lazily with PIL,
+and an unreadable file raises one DataError that names it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..config import DatasetSpec
+from ..errors import DataError
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class ImageSource:
+    name: str
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+
+class FileSource(ImageSource):
+    def __init__(self, paths: list[str], name: str):
+        self.paths, self.name = paths, name
+
+    def load(self, index: int) -> Image.Image:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as im:
+                return im.convert("RGB")
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DataError(f"cannot read image {path}: {e.__class__.__name__}: {e}") from None
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+
+class TorchvisionSource(ImageSource):
+    def __init__(self, dataset, name: str):
+        self.dataset, self.name = dataset, name
+
+    def load(self, index: int) -> Image.Image:
+        try:
+            img = self.dataset[index][0]
+        except (OSError, UnidentifiedImageError, ValueError) as e:
+            raise DataError(f"cannot read image {self.describe(index)} of {self.name}: {e}") from None
+        if not isinstance(img, Image.Image):
+            img = Image.fromarray(np.asarray(img))
+        return img.convert("RGB")
+
+
+class ImageSet:
+    """Rows (source, index, target) over a list of sources; targets are global class ids once a scenario owns it."""
+
+    def __init__(self, sources: list[ImageSource], src: np.ndarray, idx: np.ndarray, targets: np.ndarray):
+        self.sources = sources
+        self.src = np.asarray(src, dtype=np.int32)
+        self.idx = np.asarray(idx, dtype=np.int64)
+        self.targets = np.asarray(targets, dtype=np.int64)
+
+    @classmethod
+    def from_source(cls, source: ImageSource, targets) -> "ImageSet":
+        n = len(targets)
+        return cls([source], np.zeros(n), np.arange(n), targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def image(self, i: int) -> Image.Image:
+        return self.sources[self.src[i]].load(int(self.idx[i]))
+
+    def describe(self, i: int) -> str:
+        return self.sources[self.src[i]].describe(int(self.idx[i]))
+
+    def subset(self, rows) -> "ImageSet":
+        rows = np.asarray(rows)
+        return ImageSet(self.sources, self.src[rows], self.idx[rows], self.targets[rows])
+
+    def with_targets(self, targets) -> "ImageSet":
+        return ImageSet(self.sources, self.src, self.idx, targets)
+
+    @staticmethod
+    def concat(sets: list["ImageSet"]) -> "ImageSet":
+        sources, src, idx, tg = [], [], [], []
+        for s in sets:
+            offset = len(sources)
+            sources.extend(s.sources)
+            src.append(s.src + offset)
+            idx.append(s.idx)
+            tg.append(s.targets)
+        return ImageSet(sources, np.concatenate(src), np.concatenate(idx), np.concatenate(tg))
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha1()
+        for s in self.sources:
+            h.update(s.name.encode())
+        for a in (self.src, self.idx, self.targets):
+            h.update(a.tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class DatasetSplits:
+    name: str
+    class_names: list[str]
+    train: ImageSet
+    test: ImageSet
+    template: str | None = None
+    templates: list[str] | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# registry
+
+LOADERS: dict[str, Callable[[DatasetSpec], DatasetSplits]] = {}
+
+
+def register(*names: str):
+    def deco(fn):
+        for n in names:
+            LOADERS[n] = fn
+        return fn
+    return deco
+
+
+def load_dataset(spec: DatasetSpec) -> DatasetSplits:
+    if spec.name not in LOADERS:
+        raise DataError(f"unknown dataset '{spec.name}' (known: {', '.join(sorted(LOADERS))})")
+    root = Path(spec.root).expanduser()
+    if not root.exists() and not spec.download:
+        raise DataError(f"dataset '{spec.name}': root {root} does not exist (set its 'root', or "
+                        f"'download: true' for datasets torchvision can download)")
+    ds = LOADERS[spec.name](spec)
+    ds = _restrict(ds, spec)
+    if len(ds.train) == 0 or len(ds.test) == 0:
+        raise DataError(f"dataset '{spec.name}' at {root} has an empty split (train {len(ds.train)}, "
+                        f"test {len(ds.test)})")
+    return ds
+
+
+def _restrict(ds: DatasetSplits, spec: DatasetSpec) -> DatasetSplits:
+    """Apply `classes` (keep and relabel 0..k-1 in the given order) and `max_per_class`."""
+    names = ds.class_names
+    if spec.classes is not None:
+        keep = []
+        for c in spec.classes:
+            if isinstance(c, int):
+                if not 0 <= c < len(names):
+                    raise DataError(f"dataset '{spec.name}': class index {c} out of range (0..{len(names) - 1})")
+                keep.append(c)
+            else:
+                if c not in names:
+                    raise DataError(f"dataset '{spec.name}': no class named '{c}'")
+                keep.append(names.index(c))
+        remap = np.full(len(names), -1)
+        remap[keep] = np.arange(len(keep))
+        sets = []
+        for s in (ds.train, ds.test):
+            rows = np.nonzero(remap[s.targets] >= 0)[0]
+            s = s.subset(rows)
+            sets.append(s.with_targets(remap[s.targets]))
+        ds = DatasetSplits(ds.name, [names[k] for k in keep], sets[0], sets[1], ds.template, ds.templates)
+    if spec.max_per_class:
+        rng = np.random.default_rng(spec.holdout_seed)
+        for part in ("train", "test"):
+            n = spec.max_per_class.get(part)
+            if n is None:
+                continue
+            s = getattr(ds, part)
+            rows = []
+            for c in range(len(ds.class_names)):
+                r = np.nonzero(s.targets == c)[0]
+                rows.extend(sorted(rng.permutation(r)[:n]) if len(r) > n else r)
+            setattr(ds, part, s.subset(np.sort(np.asarray(rows, dtype=np.int64))))
+    return ds
+
+
+def stratified_split(targets: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split: the first round(f * n_c) of each class's permutation go to test."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(targets):
+        rows = np.nonzero(targets == c)[0]
+        perm = rng.permutation(rows)
+        k = int(round(test_fraction * len(rows)))
+        test.extend(perm[:k])
+        train.extend(perm[k:])
+    return np.sort(np.asarray(train, dtype=np.int64)), np.sort(np.asarray(test, dtype=np.int64))
+
+
+def random_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """torch.utils.data.random_split with a seeded generator, as MTIL's Caltech101/EuroSAT/SUN397 splits use."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    n_train = int(round(n * (1 - test_fraction)))
+    perm = torch.randperm(n, generator=g).numpy()
+    return perm[:n_train], perm[n_train:]
+
+
+def scan_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
+    """`root/<class>/<image>` -> (sorted class names, file paths, targets)."""
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"image folder {root} has no class sub-folders")
+    paths, targets = [], []
+    for k, c in enumerate(classes):
+        for f in sorted((root / c).iterdir()):
+            if f.suffix.lower() in IMG_EXTENSIONS:
+                paths.append(str(f))
+                targets.append(k)
+    return classes, paths, targets
+
+
+def _split_dir(root: Path, names: tuple[str, ...]) -> Path | None:
+    for n in names:
+        if (root / n).is_dir():
+            return root / n
+    return None
+
+
+def read_split_file(path: Path, base: Path) -> tuple[list[str], list[int] | None]:
+    """A split list: YAML with `data:`/`targets:` (CODA-Prompt's ImageNet-R) or text lines `path [label]`."""
+    if not path.is_file():
+        raise DataError(f"split file {path} does not exist")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        doc = yaml.safe_load(path.read_text())
+        if not isinstance(doc, dict) or "data" not in doc:
+            raise DataError(f"split file {path} must hold 'data:' (and 'targets:') lists")
+        return list(doc["data"]), list(doc["targets"]) if "targets" in doc else None
+    files, labels = [], []
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if not parts:
+            continue
+        files.append(parts[0])
+        if len(parts) > 1:
+            labels.append(int(parts[1]))
+    return files, labels if labels else None
+
+
+def folder_with_splits(spec: DatasetSpec, root: Path, name: str) -> DatasetSplits:
+    """Image-folder datasets in any of the layouts users have:
+    split files; `root/train|test/<class>`; or one `root/<class>` folder with a seeded holdout split."""
+    if spec.split_files:
+        if set(spec.split_files) != {"train", "test"}:
+            raise DataError(f"dataset '{name}': split_files needs both 'train' and 'test'")
+        parts = {}
+        for part, f in spec.split_files.items():
+            files, labels = read_split_file(Path(f).expanduser(), root)
+            parts[part] = (files, labels)
+        # class names: by the listed label when the lists carry labels (ImageNet-R's are not in sorted
+        # wnid order), else the sorted parent-folder names
+        by_label: dict[int, str] = {}
+        for fs, ls in parts.values():
+            for f, y in zip(fs, ls or []):
+                if by_label.setdefault(int(y), Path(f).parent.name) != Path(f).parent.name:
+                    raise DataError(f"split files of '{name}' give label {y} to two folders")
+        if by_label:
+            classes = [by_label.get(k, f"class_{k}") for k in range(max(by_label) + 1)]
+        else:
+            classes = sorted({Path(f).parent.name for fs, _ in parts.values() for f in fs})
+        sets = {}
+        for part, (files, labels) in parts.items():
+            strip = _listed_prefix(root, files[0]) if files else 0
+            paths = [str(root.joinpath(*Path(f).parts[strip:])) if not Path(f).is_absolute() else f for f in files]
+            tg = labels if labels is not None else [classes.index(Path(f).parent.name) for f in files]
+            sets[part] = ImageSet.from_source(FileSource(paths, f"{name}/{part}"), tg)
+        return DatasetSplits(name, classes, sets["train"], sets["test"])
+    tr = _split_dir(root, ("train",))
+    te = _split_dir(root, ("test", "val"))
+    if tr is not None and te is not None:
+        classes, p_tr, t_tr = scan_folder(tr)
+        classes_te, p_te, t_te = scan_folder(te)
+        if classes_te != classes:
+            raise DataError(f"dataset '{name}': class folders of {tr} and {te} differ")
+        return DatasetSplits(name, classes, ImageSet.from_source(FileSource(p_tr, f"{name}/train"), t_tr),
+                             ImageSet.from_source(FileSource(p_te, f"{name}/test"), t_te))
+    classes, paths, targets = scan_folder(root)
+    if spec.holdout is None:
+        raise DataError(f"dataset '{name}' at {root} has no train/ and test/ folders and no split files; "
+                        f"set 'holdout: 0.2' for a seeded stratified split")
+    src = FileSource(paths, name)
+    full = ImageSet.from_source(src, targets)
+    tr_rows, te_rows = stratified_split(np.asarray(targets), spec.holdout, spec.holdout_seed)
+    return DatasetSplits(name, classes, full.subset(tr_rows), full.subset(te_rows))
+
+
+def _listed_prefix(root: Path, f: str) -> int:
+    """Split lists name files relative to various bases (`data/imagenet-r/<wnid>/x.jpg`): how many leading
+    parts to drop so that the file is found under root (default: keep `<class>/<file>`)."""
+    p = Path(f)
+    for k in range(max(len(p.parts) - 1, 1)):
+        if root.joinpath(*p.parts[k:]).exists():
+            return k
+    return max(len(p.parts) - 2, 0)
+
+
+@register("imagefolder")
+def _imagefolder(spec: DatasetSpec) -> DatasetSplits:
+    root = Path(spec.root).expanduser()
+    return folder_with_splits(spec, root, spec.label or root.name)
+
+
+# torchvision datasets: (class, kwargs for train, kwargs for test, folder layout name)
+TORCHVISION = {
+    "cifar10": ("CIFAR10", {"train": True}, {"train": False}),
+    "cifar100": ("CIFAR100", {"train": True}, {"train": False}),
+    "mnist": ("MNIST", {"train": True}, {"train": False}),
+    "fashion_mnist": ("FashionMNIST", {"train": True}, {"train": False}),
+}
+
+
+def torchvision_splits(spec: DatasetSpec, cls_name: str, train_kw: dict, test_kw: dict,
+                       class_names: list[str] | None = None) -> DatasetSplits:
+    import torchvision.datasets as tvd
+
+    cls = getattr(tvd, cls_name)
+    root = Path(spec.root).expanduser()
+    out = []
+    for kw, part in ((train_kw, "train"), (test_kw, "test")):
+        try:
+            ds = cls(str(root), download=spec.download, **kw)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True"
+            raise DataError(f"dataset '{spec.name}' not found under {root} ({str(e).splitlines()[0]}); "
+                            f"set 'download: true' to fetch it, or point 'root' at a copy") from None
+        out.append((ds, dataset_targets(ds)))
+    names = class_names or [str(c) for c in getattr(out[0][0], "classes", [])]
+    if not names:
+        names = [str(i) for i in range(int(max(out[0][1])) + 1)]
+    train, test = (ImageSet.from_source(TorchvisionSource(ds, f"{spec.name}/{p}"), t)
+                   for (ds, t), p in zip(out, ("train", "test")))
+    return DatasetSplits(spec.name, names, train, test)
+
+
+def dataset_targets(ds) -> np.ndarray:
+    """Labels of a torchvision dataset without decoding its images."""
+    for attr in ("targets", "_labels", "labels", "y", "_targets"):
+        t = getattr(ds, attr, None)
+        if t is not None:
+            return np.asarray(t.tolist() if hasattr(t, "tolist") else list(t), dtype=np.int64)
+    for attr in ("_samples", "samples", "imgs"):
+        s = getattr(ds, attr, None)
+        if s is not None:
+            return np.asarray([x[1] for x in s], dtype=np.int64)
+    return np.asarray([ds[i][1] for i in range(len(ds))], dtype=np.int64)
+
+
+def _make_builtin(name: str):
+    cls_name, tr, te = TORCHVISION[name]
+
+    def load(spec: DatasetSpec) -> DatasetSplits:
+        root = Path(spec.root).expanduser()
+        if (root / "train").is_dir():  # image-folder copy (../shared/data layout)
+            ds = folder_with_splits(spec, root, name)
+            ds.name = name
+            return ds
+        return torchvision_splits(spec, cls_name, tr, te)
+
+    register(name)(load)
+
+
+for _n in TORCHVISION:
+    _make_builtin(_n)
+
+
+@register("pacs")
+def _pacs(spec: DatasetSpec) -> DatasetSplits:
+    """PACS: root/<domain>/<class>/<image>; no official split, so a seeded stratified holdout (default 20%)."""
+    if not spec.domain:
+        raise DataError("dataset 'pacs' needs 'domain' (art_painting, cartoon, photo, sketch)")
+    root = Path(spec.root).expanduser() / spec.domain
+    if not root.is_dir():
+        raise DataError(f"PACS domain folder {root} does not exist")
+    holdout = spec.holdout if spec.holdout is not None else 0.2
+    classes, paths, targets = scan_folder(root)
+    full = ImageSet.from_source(FileSource(paths, f"pacs/{spec.domain}"), targets)
+    tr, te = stratified_split(np.asarray(targets), holdout, spec.holdout_seed)
+    return DatasetSplits(f"pacs-{spec.domain}", classes, full.subset(tr), full.subset(te))
+
+
+SPLIT_DIR = Path(__file__).resolve().parent / "splits"
+
+
+@register("imagenet-r")
+def _imagenet_r(spec: DatasetSpec) -> DatasetSplits:
+    """ImageNet-R with CODA-Prompt's standard 80/20 split (the lists ship with loracl)."""
+    root = Path(spec.root).expanduser()
+    if (root / "imagenet-r").is_dir():
+        root = root / "imagenet-r"
+    if not spec.split_files:
+        spec = spec.model_copy(update={"split_files": {p: str(SPLIT_DIR / "imagenet-r" / f"{p}.yaml")
+                                                       for p in ("train", "test")}})
+    ds = folder_with_splits(spec, root, "imagenet-r")
+    missing = [ds.train.describe(i) for i in range(min(len(ds.train), 1)) if not Path(ds.train.describe(i)).exists()]
+    if missing:
+        raise DataError(f"ImageNet-R image {missing[0]} listed in the split is missing under {root}")
+    return ds
+
+
+@register("domainnet")
+def _domainnet(spec: DatasetSpec) -> DatasetSplits:
+    """DomainNet: root/<domain>/<class>/<image> with the official `<domain>_train.txt` / `_test.txt` lists.
+    `domain` may be one domain or a comma list (InfLoRA's class-incremental DomainNet uses all six)."""
+    root = Path(spec.root).expanduser()
+    domains = (spec.domain or "clipart,infograph,painting,quickdraw,real,sketch").split(",")
+    sets = {"train": [], "test": []}
+    classes = None
+    for dom in domains:
+        for part in ("train", "test"):
+            f = root / f"{dom}_{part}.txt"
+            files, labels = read_split_file(f, root)
+            if labels is None:
+                raise DataError(f"DomainNet split file {f} must have a label column")
+            paths = [str(root / x) for x in files]
+            sets[part].append(ImageSet.from_source(FileSource(paths, f"domainnet/{dom}/{part}"), labels))
+            if classes is None:
+                by_label = {}
+                for x, y in zip(files, labels):
+                    by_label.setdefault(y, Path(x).parent.name)
+                classes = [by_label[k] for k in sorted(by_label)]
+    return DatasetSplits("domainnet", classes, ImageSet.concat(sets["train"]), ImageSet.concat(sets["test"]))

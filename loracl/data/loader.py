@@ -1,0 +1,88 @@
+"""Deterministic, resumable data loading.
+
+The order of an epoch is a permutation drawn from (seed, task, epoch, phase), and every sample's random
+augmentation is drawn from its own seed, so a run resumed at batch k of an epoch sees exactly the images,
+in exactly the augmentations, that the uninterrupted run saw, whatever the number of loader workers.
+Under torchrun each process takes every world_size-th batch of the same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .. import dist
+from .datasets import ImageSet
+
+
+def derive_seed(*parts) -> int:
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class TransformedSet(Dataset):
+    """Item key (row, sample_seed) -> (image tensor, global target, row)."""
+
+    def __init__(self, images: ImageSet, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        row, seed = key if isinstance(key, tuple) else (key, None)
+        img = self.images.image(row)
+        if seed is None:
+            x = self.transform(img)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                x = self.transform(img)
+        return x, int(self.images.targets[row]), row
+
+
+class EpochBatches(Sampler):
+    """Batches of (row, sample_seed) of one epoch, starting at batch `start`, sharded over processes."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, start: int = 0,
+                 drop_last: bool = False, augment: bool = True):
+        self.n, self.bs, self.seed, self.shuffle = n, batch_size, seed, shuffle
+        self.start, self.drop_last, self.augment = start, drop_last, augment
+        self.world, self.rank = dist.world_size(), dist.rank()
+
+    def order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n)
+        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
+
+    def num_batches(self) -> int:
+        full = self.n // (self.bs * self.world)
+        rest = self.n - full * self.bs * self.world
+        return full + (0 if self.drop_last or rest == 0 else 1)
+
+    def __len__(self):
+        return max(self.num_batches() - self.start, 0)
+
+    def __iter__(self):
+        order = self.order().tolist()
+        per_step = self.bs * self.world
+        for b in range(self.start, self.num_batches()):
+            chunk = order[b * per_step:(b + 1) * per_step]
+            k = (len(chunk) + self.world - 1) // self.world
+            mine = chunk[self.rank * k:(self.rank + 1) * k]
+            if not mine:  # a short last step may leave a process without data
+                mine = chunk[:1]
+            if self.augment:
+                yield [(r, derive_seed(self.seed, b * per_step + self.rank * k + j)) for j, r in enumerate(mine)]
+            else:
+                yield [(r, None) for r in mine]
+
+
+def make_loader(images: ImageSet, transform, batch_size: int, *, seed: int = 0, shuffle: bool = False,
+                start: int = 0, num_workers: int = 0, augment: bool = True, pin_memory: bool = False,
+                drop_last: bool = False) -> DataLoader:
+    sampler = EpochBatches(len(images), batch_size, seed, shuffle, start, drop_last, augment)
+    return DataLoader(TransformedSet(images, transform), batch_sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=False)

@@ -1,0 +1,105 @@
+"""The plug-in contract of a continual-learning method.
+
+A method is one class with a `name`, a typed `Config`, and hooks the runner calls in this order:
+
+    setup()                          once, before the first task (the model is pretrained and untouched)
+    for each task:
+        begin_task(task)             statistics passes, new branches, new head classes
+        param_groups(task)           what the optimiser trains: {"backbone": [...], "head": [...]}
+        loss(batch, task)            every training step (after_backward(task) between backward and step)
+        end_task(task)               merges, memories, extra training phases (run.fit)
+        logits(x, class_ids)         evaluation
+
+The runner (`loracl.train.Runner`, passed as `run`) owns data, optimisation, FLOP counting, checkpoints
+and evaluation; it knows no method by name. A method that needs its own pass over data uses
+`run.forward_pass`, and an extra training phase `run.fit`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from ..data.scenarios import Task
+    from ..train import Runner
+
+
+class MethodConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LoRAOptions(MethodConfig):
+    """Where LoRA goes and its shape (every LoRA method shares these keys)."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float | None = Field(None, description="scale = alpha / rank; None: scale 1")
+    targets: list[str] = Field(default_factory=lambda: ["q", "v"], description="q, k, v, out, fc1, fc2")
+    blocks: list[int] | None = Field(None, description="block indices (None: all)")
+    encoders: list[str] | None = Field(None, description="image and/or text (CLIP); None: all")
+
+    @property
+    def scale(self) -> float:
+        return 1.0 if self.alpha is None else self.alpha / self.rank
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor  # global class ids
+    rows: torch.Tensor  # row of each sample in the task's training ImageSet
+
+
+class Method:
+    name: ClassVar[str] = ""
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    joint: ClassVar[bool] = False  # True: trained once on the union of all tasks (offline upper bound)
+    needs_lora: ClassVar[bool] = False
+
+    def __init__(self, cfg: MethodConfig, run: "Runner"):
+        self.cfg = cfg
+        self.run = run
+        self.model = run.model
+        self.net = run.model  # what training forwards go through (a DDP wrapper under torchrun)
+
+    # ---- hooks -------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        pass
+
+    def begin_task(self, task: "Task") -> None:
+        self.add_task_classes(task)
+
+    def param_groups(self, task: "Task") -> dict[str, list[torch.nn.Parameter]]:
+        head = [p for p in self.model.head.parameters() if p.requires_grad]
+        back = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        return {"backbone": back, "head": head}
+
+    def loss(self, batch: Batch, task: "Task") -> torch.Tensor:
+        return self.cross_entropy(batch, self.run.train_classes(task))
+
+    def after_backward(self, task: "Task") -> None:
+        pass
+
+    def end_task(self, task: "Task") -> None:
+        pass
+
+    def logits(self, x: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(x, class_ids)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    # ---- helpers shared by methods -----------------------------------------------------------------
+    def add_task_classes(self, task: "Task") -> None:
+        self.model.head.add_classes(task.class_ids, task.class_names, task.templates)
+
+    def cross_entropy(self, batch: Batch, class_ids: torch.Tensor) -> torch.Tensor:
+        logits = self.net(batch.x, class_ids)
+        return F.cross_entropy(logits.float(), self.run.columns(batch.y, class_ids))

@@ -1,0 +1,294 @@
+"""Pretrained backbones from timm and open_clip, by name or from a local file, used as they are.
+
+`Backbone` gives every method the same view of either family: image features, the transformer blocks of
+each encoder and, per block, the projections LoRA may adapt. CLIP adds the text side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config import BackboneConfig
+from ..errors import WeightsError
+from .lora import LoRAAdapter, build_sites
+
+PROJECTION_KINDS = ("q", "k", "v", "out", "fc1", "fc2")
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _offline_hub():
+    """Let huggingface_hub look only in its local cache, so an offline machine fails at once instead of retrying."""
+    import huggingface_hub.constants as hc
+
+    old = hc.HF_HUB_OFFLINE
+    hc.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hc.HF_HUB_OFFLINE = old
+
+
+def _weights_error(cfg: BackboneConfig, err: Exception, online: bool) -> WeightsError:
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except Exception:  # pragma: no cover
+        HF_HUB_CACHE = "~/.cache/huggingface/hub"
+    how = ("the Hugging Face hub is not reachable from this machine" if not online
+           else f"the download failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
+    return WeightsError(
+        f"pretrained weights for {cfg.kind} model '{cfg.name}' not found: {how}; looked in the hub cache "
+        f"{HF_HUB_CACHE}. Download them once on a machine with internet, or give a local file with "
+        f"--set backbone.file=PATH (a .safetensors/.bin/.pth state dict)")
+
+
+def _check_file(cfg: BackboneConfig) -> Path | None:
+    if not cfg.file:
+        return None
+    path = Path(cfg.file).expanduser()
+    if not path.is_file():
+        raise WeightsError(f"backbone weights file not found: {path} (from backbone.file)")
+    return path
+
+
+class Backbone(nn.Module):
+    """A pretrained ViT (timm) or CLIP (open_clip) used as a frozen feature extractor plus hooks for LoRA."""
+
+    family: str
+
+    def __init__(self):
+        super().__init__()
+        self.pretrained_head: nn.Linear | None = None
+
+    # ---- to implement per family
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encoder_blocks(self) -> dict[str, list[nn.Module]]:
+        raise NotImplementedError
+
+    def block_projections(self, block: nn.Module) -> dict[str, tuple[nn.Module, str, tuple[int, int]]]:
+        raise NotImplementedError
+
+    @property
+    def feature_dim(self) -> int:
+        raise NotImplementedError
+
+    def data_config(self) -> dict:
+        raise NotImplementedError
+
+    # ---- shared
+    def inject_lora(self, kinds: list[str], blocks: list[int] | None = None,
+                    encoders: list[str] | None = None) -> LoRAAdapter:
+        """Attach LoRA layers to the chosen projections; returns the adapter with one site per projection."""
+        bad = set(kinds) - set(PROJECTION_KINDS)
+        if bad:
+            raise ValueError(f"unknown LoRA target(s) {sorted(bad)}; choose from {PROJECTION_KINDS}")
+        all_blocks = self.encoder_blocks()
+        encoders = encoders or list(all_blocks)
+        specs = []
+        for enc in encoders:
+            if enc not in all_blocks:
+                raise ValueError(f"backbone has no encoder '{enc}' (has {list(all_blocks)})")
+            idx = range(len(all_blocks[enc])) if blocks is None else blocks
+            for b in idx:
+                if not 0 <= b < len(all_blocks[enc]):
+                    raise ValueError(f"block {b} out of range for encoder '{enc}' ({len(all_blocks[enc])} blocks)")
+                projections = self.block_projections(all_blocks[enc][b])
+                for kind in kinds:
+                    host, wname, rows = projections[kind]
+                    specs.append((enc, b, kind, host, wname, rows))
+        return LoRAAdapter(build_sites(specs))
+
+
+class TimmViT(Backbone):
+    family = "timm"
+
+    def __init__(self, cfg: BackboneConfig, keep_pretrained_head: bool = False):
+        super().__init__()
+        import timm
+
+        path = _check_file(cfg)
+        overlay = dict(cfg.cfg_overlay)
+        if path is not None:
+            overlay["file"] = str(path)
+        pretrained = bool(cfg.pretrained) or path is not None
+        online = True if (path is not None or not pretrained) else hub_reachable()
+        try:
+            with (contextlib.nullcontext() if online else _offline_hub()):
+                model = timm.create_model(cfg.name, pretrained=pretrained,
+                                          pretrained_cfg_overlay=overlay or None, **cfg.kwargs)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise WeightsError(f"timm has no model named '{cfg.name}' (backbone.name)") from None
+            if path is not None:
+                raise WeightsError(f"cannot load backbone weights from {path}: {str(e).splitlines()[0][:200]}") from None
+            raise _weights_error(cfg, e, online) from None
+        except (OSError, ValueError) as e:
+            if path is not None:
+                raise WeightsError(f"cannot load backbone weights from {path}: {str(e).splitlines()[0][:200]}") from None
+            raise _weights_error(cfg, e, online) from None
+        if not hasattr(model, "blocks"):
+            raise WeightsError(f"timm model '{cfg.name}' is not a ViT with .blocks; loracl adapts ViT-style models")
+        head = model.get_classifier()
+        if keep_pretrained_head and isinstance(head, nn.Linear) and head.out_features > 0:
+            self.pretrained_head = head
+            for p in head.parameters():
+                p.requires_grad_(False)
+        model.reset_classifier(0)
+        self.model = model
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.num_features
+
+    def encoder_blocks(self):
+        return {"image": list(self.model.blocks)}
+
+    def block_projections(self, block):
+        attn, mlp = block.attn, block.mlp
+        out = {}
+        if hasattr(attn, "qkv") and isinstance(attn.qkv, nn.Linear):
+            d = attn.qkv.out_features // 3
+            out.update(q=(attn.qkv, "weight", (0, d)), k=(attn.qkv, "weight", (d, 2 * d)),
+                       v=(attn.qkv, "weight", (2 * d, 3 * d)))
+        else:  # separate q/k/v projections (EVA-style)
+            for kind, name in (("q", "q_proj"), ("k", "k_proj"), ("v", "v_proj")):
+                lin = getattr(attn, name)
+                out[kind] = (lin, "weight", (0, lin.out_features))
+        out["out"] = (attn.proj, "weight", (0, attn.proj.out_features))
+        out["fc1"] = (mlp.fc1, "weight", (0, mlp.fc1.out_features))
+        out["fc2"] = (mlp.fc2, "weight", (0, mlp.fc2.out_features))
+        return out
+
+    def data_config(self) -> dict:
+        import timm.data
+
+        c = timm.data.resolve_data_config({}, model=self.model)
+        return {"size": int(c["input_size"][-1]), "mean": tuple(c["mean"]), "std": tuple(c["std"]),
+                "interpolation": c.get("interpolation", "bicubic"), "crop_pct": float(c.get("crop_pct", 0.875))}
+
+
+# open_clip configs of tiny CLIPs for tests and smoke runs (random weights; no download)
+TINY_CLIP_CONFIGS = {
+    "loracl-tiny-clip": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 48, "heads": 3, "layers": 2},
+    }
+}
+
+
+def _register_tiny_clip():
+    import open_clip
+    from open_clip.factory import _MODEL_CONFIGS
+
+    for name, c in TINY_CLIP_CONFIGS.items():
+        _MODEL_CONFIGS.setdefault(name, c)
+    return open_clip
+
+
+class OpenCLIP(Backbone):
+    family = "open_clip"
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        open_clip = _register_tiny_clip()
+        path = _check_file(cfg)
+        tag = str(path) if path is not None else (cfg.pretrained if isinstance(cfg.pretrained, str) else None)
+        if cfg.pretrained is True and path is None:
+            raise WeightsError(f"open_clip model '{cfg.name}' needs a pretrained tag (e.g. backbone.pretrained: "
+                               f"openai) or backbone.file; set backbone.pretrained: false for random weights")
+        online = True if (path is not None or tag is None) else hub_reachable()
+        log = logging.getLogger()
+        level = log.level
+        log.setLevel(logging.ERROR)  # open_clip warns about random init for our tiny test configs
+        try:
+            with (contextlib.nullcontext() if online else _offline_hub()):
+                model = open_clip.create_model(cfg.name, pretrained=tag, **cfg.kwargs)
+        except RuntimeError as e:
+            if "not found" in str(e) and "Model config" in str(e):
+                raise WeightsError(f"open_clip has no model named '{cfg.name}' (backbone.name)") from None
+            if path is not None:
+                raise WeightsError(f"cannot load CLIP weights from {path}: {str(e).splitlines()[0][:200]}") from None
+            raise _weights_error(cfg, e, online) from None
+        except (OSError, ValueError) as e:
+            raise _weights_error(cfg, e, online) from None
+        finally:
+            log.setLevel(level)
+        self.model = model
+        self.tokenizer = open_clip.get_tokenizer(cfg.name)
+
+    def features(self, x):
+        return self.model.encode_image(x)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(tokens)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.text_projection.shape[1]) if self.model.text_projection is not None else \
+            self.model.visual.output_dim
+
+    def text_parameters(self) -> list[nn.Parameter]:
+        m = self.model
+        mods = [m.transformer, m.token_embedding, m.ln_final]
+        params = [p for mod in mods for p in mod.parameters()]
+        params += [m.positional_embedding] + ([m.text_projection] if isinstance(m.text_projection, nn.Parameter) else [])
+        return params
+
+    def encoder_blocks(self):
+        return {"image": list(self.model.visual.transformer.resblocks), "text": list(self.model.transformer.resblocks)}
+
+    def block_projections(self, block):
+        attn, mlp = block.attn, block.mlp
+        d = attn.embed_dim
+        return {"q": (attn, "in_proj_weight", (0, d)), "k": (attn, "in_proj_weight", (d, 2 * d)),
+                "v": (attn, "in_proj_weight", (2 * d, 3 * d)),
+                "out": (attn.out_proj, "weight", (0, d)),
+                "fc1": (mlp.c_fc, "weight", (0, mlp.c_fc.out_features)),
+                "fc2": (mlp.c_proj, "weight", (0, mlp.c_proj.out_features))}
+
+    def data_config(self) -> dict:
+        pc = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})
+        size = pc.get("size", self.model.visual.image_size)
+        size = size[-1] if isinstance(size, (tuple, list)) else size
+        return {"size": int(size), "mean": tuple(pc.get("mean", (0.48145466, 0.4578275, 0.40821073))),
+                "std": tuple(pc.get("std", (0.26862954, 0.26130258, 0.27577711))),
+                "interpolation": pc.get("interpolation", "bicubic"), "crop_pct": 1.0}
+
+
+def create_backbone(cfg: BackboneConfig, keep_pretrained_head: bool = False) -> Backbone:
+    if cfg.kind == "timm":
+        bb = TimmViT(cfg, keep_pretrained_head)
+    else:
+        bb = OpenCLIP(cfg)
+    for p in bb.parameters():
+        p.requires_grad_(False)
+    return bb

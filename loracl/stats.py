@@ -1,0 +1,50 @@
+"""Token-level input statistics of adapted layers, accumulated in fp32 over every token.
+
+`sum x x^T` and the token count are accumulated separately and divided once at the end, so the result is
+the covariance of the whole data set whatever the batch size; across processes the sums are added
+before the division (`finalize`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import dist
+from .models.lora import LoRALayer
+
+
+class SecondMoment:
+    """Uncentred second moment C = (1/N) sum over tokens x x^T of d-dimensional inputs."""
+
+    def __init__(self, d: int, device=None, dtype: torch.dtype = torch.float32):
+        self.sum = torch.zeros(d, d, device=device, dtype=dtype)
+        self.count = torch.zeros((), device=device, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.sum.dtype)
+        self.sum.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def finalize(self) -> torch.Tensor:
+        dist.all_reduce_sum_(self.sum)
+        dist.all_reduce_sum_(self.count)
+        return self.sum / self.count.clamp(min=1).to(self.sum.dtype)
+
+
+@contextlib.contextmanager
+def layer_input_moments(layers: list[LoRALayer], dtype: torch.dtype = torch.float32):
+    """Within the block, every forward through `layers` adds its inputs to a per-layer SecondMoment."""
+    accs = {}
+    handles = []
+    for layer in layers:
+        acc = SecondMoment(layer.d_in, device=layer.weight.device, dtype=dtype)
+        accs[layer] = acc
+        handles.append((layer, layer.add_tap(acc.update)))
+    try:
+        yield accs
+    finally:
+        for layer, h in handles:
+            layer.remove_tap(h)

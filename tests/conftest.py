@@ -1,0 +1,55 @@
+"""Shared fixtures: the real data and backbone from ../shared, and tiny models built from configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("LORACL_SHARED", REPO.parent / "shared"))
+DATA = SHARED / "data"
+WEIGHTS = SHARED / "weights" / "vit-s6-tin32" / "model.safetensors"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not DATA.exists():
+        skip = pytest.mark.skip(reason=f"needs the shared data at {DATA}")
+        for item in items:
+            if "shared" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture
+def tiny_vit():
+    """A small timm ViT with random weights (same family as the fixture backbone)."""
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=48,
+                             depth=2, num_heads=3, num_classes=0).eval()
+
+
+@pytest.fixture
+def tiny_clip():
+    """A tiny open_clip CLIP built from a config (random weights, no download)."""
+    from loracl.config import BackboneConfig
+    from loracl.models.backbones import create_backbone
+
+    torch.manual_seed(0)
+    return create_backbone(BackboneConfig(kind="open_clip", name="loracl-tiny-clip", pretrained=False)).eval()
+
+
+def smoke_sets(**extra) -> list[str]:
+    """--set overrides that make a preset run in seconds (tiny subsets, one short epoch)."""
+    base = {"train.epochs": 1, "train.max_steps_per_epoch": 3, "eval.max_per_task": 40, "data.batch_size": 16,
+            "eval.retention": None}
+    base.update(extra)
+    out = []
+    for k, v in base.items():
+        out.append(f"{k}={'null' if v is None else v}")
+    return out

@@ -1,0 +1,115 @@
+"""LoRA injection into real timm and open_clip modules: slicing, merge/unmerge exactness, taps."""
+
+import pytest
+import torch
+
+from loracl.models.lora import Branch, LoRAAdapter
+
+
+def _vit_adapter(model, kinds):
+    from loracl.models.backbones import TimmViT
+
+    bb = TimmViT.__new__(TimmViT)
+    torch.nn.Module.__init__(bb)
+    bb.model = model
+    return bb, bb.inject_lora(kinds)
+
+
+def _random_branches(adapter: LoRAAdapter, rank=3, n=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for s in adapter.sites:
+        for _ in range(n):
+            s.add_branch(torch.randn(rank, s.d_in, generator=g) * 0.1, torch.randn(s.d_out, rank, generator=g) * 0.1,
+                         scale=0.5)
+
+
+def test_qkv_slices_change_only_their_rows(tiny_vit):
+    x = torch.randn(2, 3, 32, 32)
+    qkv = tiny_vit.blocks[0].attn.qkv
+    seen = {}
+    h = qkv.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o.detach().clone()))
+    tiny_vit(x)
+    base = seen["out"]
+    h.remove()
+    bb, ad = _vit_adapter(tiny_vit, ["k"])
+    site = [s for s in ad.sites if s.block == 0][0]
+    site.add_branch(torch.randn(2, site.d_in), torch.randn(site.d_out, 2))
+    h = qkv.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o.detach().clone()))
+    tiny_vit(x)
+    d = seen["out"].shape[-1] // 3
+    diff = (seen["out"] - base).abs()
+    assert diff[..., :d].max() == 0 and diff[..., 2 * d:].max() == 0
+    assert diff[..., d:2 * d].max() > 1e-3
+    h.remove()
+
+
+@pytest.mark.parametrize("kinds", [["q", "k", "v"], ["k", "v", "out", "fc1", "fc2"]])
+def test_timm_merge_equals_branches_and_unmerge_restores(tiny_vit, kinds):
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        y0 = tiny_vit(x)
+        bb, ad = _vit_adapter(tiny_vit, kinds)
+        _random_branches(ad, n=2)
+        y_branches = tiny_vit(x)
+        assert (y_branches - y0).abs().max() > 1e-3, "branches must change the function"
+        w0 = {s.name: s.weight().clone() for s in ad.sites}
+        merged = {s.name: [s.merge(0), s.merge(0)] for s in ad.sites}
+        assert ad.live_branches() == 0
+        y_merged = tiny_vit(x)
+        torch.testing.assert_close(y_merged, y_branches, atol=1e-5, rtol=1e-5)
+        for s in ad.sites:
+            for br in merged[s.name]:
+                s.layer.unmerge(s.slice, br)
+        torch.testing.assert_close(tiny_vit(x), y_branches, atol=1e-5, rtol=1e-5)
+        for s in ad.sites:
+            while len(s.branches):
+                s.layer.branches[s.slice] = torch.nn.ModuleList()
+            torch.testing.assert_close(s.weight(), w0[s.name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(tiny_vit(x), y0, atol=1e-5, rtol=1e-5)
+
+
+def test_clip_mha_lora_matches_reference_and_merges(tiny_clip):
+    """The LoRA-aware MultiheadAttention computes what nn.MultiheadAttention computes, in both encoders."""
+    m = tiny_clip.model
+    img = torch.randn(2, 3, 32, 32)
+    tok = tiny_clip.tokenize(["a photo of a cat", "a sketch of a dog"])
+    with torch.no_grad():
+        ref_i, ref_t = m.encode_image(img), m.encode_text(tok)
+        ad = tiny_clip.inject_lora(["q", "k", "v", "out"])
+        assert len(ad.sites) == 4 * (2 + 2)
+        torch.testing.assert_close(m.encode_image(img), ref_i, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.encode_text(tok), ref_t, atol=1e-5, rtol=1e-5)
+        _random_branches(ad, n=1, seed=1)
+        yi, yt = m.encode_image(img), m.encode_text(tok)
+        assert (yi - ref_i).abs().max() > 1e-4 and (yt - ref_t).abs().max() > 1e-4
+        ad.merge_all()
+        torch.testing.assert_close(m.encode_image(img), yi, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.encode_text(tok), yt, atol=1e-5, rtol=1e-5)
+
+
+def test_taps_see_layer_inputs(tiny_vit):
+    bb, ad = _vit_adapter(tiny_vit, ["k", "v"])
+    layer = ad.layers[1]
+    got = []
+    h = layer.add_tap(lambda x: got.append(x.shape))
+    tiny_vit(torch.randn(2, 3, 32, 32))
+    layer.remove_tap(h)
+    tiny_vit(torch.randn(2, 3, 32, 32))
+    assert got == [torch.Size([2, 17, 48])]
+
+
+def test_inactive_context_skips_branches(tiny_vit):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y0 = tiny_vit(x)
+        bb, ad = _vit_adapter(tiny_vit, ["q", "v"])
+        _random_branches(ad)
+        with ad.inactive():
+            torch.testing.assert_close(tiny_vit(x), y0)
+        assert (tiny_vit(x) - y0).abs().max() > 1e-4
+
+
+def test_branch_delta_weight():
+    br = Branch(torch.randn(2, 5), torch.randn(4, 2), scale=0.25)
+    x = torch.randn(7, 5)
+    torch.testing.assert_close(br(x), x @ br.delta_weight().t())
