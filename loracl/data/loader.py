@@ -37,8 +37,9 @@ class TransformedSet(Dataset):
         if seed is None:
             x = self.transform(img)
         else:
+            # only the CPU generator: torch.manual_seed would also queue a CUDA seeding (with a stack trace)
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.default_generator.manual_seed(seed)
                 x = self.transform(img)
         return x, int(self.images.targets[row]), row
 
