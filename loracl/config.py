@@ -126,6 +126,7 @@ class EvalConfig(Strict):
     every_task: bool = True
     retention: str | None = Field(None, description="image folder of the backbone's pretraining domain")
     retention_classes: str | None = Field(None, description="tsv mapping head index to folder name")
+    retention_every_task: bool = Field(False, description="measure retention after every task, not only the last")
     max_per_task: int | None = Field(None, ge=1, description="cap test images per task (smoke runs)")
     cache_mb: int = Field(4096, ge=0, description="keep decoded test images (uint8) up to this size in memory")
 

@@ -466,7 +466,7 @@ class Runner:
         e0 = time.perf_counter()
         row = self.evaluate_row(t)
         self.results["acc_matrix"][t] = row
-        if self.results["retention"] is not None:
+        if self.results["retention"] is not None and (cfg.eval.retention_every_task or t == T - 1):
             self.results["retention"]["per_task"][t] = self.retention_accuracy()
         c = self.results["cost"]
         c["train_seconds_per_task"][t] = round(seconds, 3)
@@ -480,7 +480,7 @@ class Runner:
         msg = f"task {t + 1}/{T} '{task.name}': {seconds:.1f}s"
         if seen:
             msg += f", mean acc on tasks so far {sum(seen) / len(seen):.2f}%"
-        if self.results["retention"] is not None:
+        if self.results["retention"] is not None and self.results["retention"]["per_task"][t] is not None:
             msg += f", pretrained retention {self.results['retention']['per_task'][t]:.2f}%"
         self.log(msg)
         if self._tb is not None:
