@@ -127,6 +127,7 @@ class EvalConfig(Strict):
     retention: str | None = Field(None, description="image folder of the backbone's pretraining domain")
     retention_classes: str | None = Field(None, description="tsv mapping head index to folder name")
     retention_every_task: bool = Field(False, description="measure retention after every task, not only the last")
+    retention_per_class: int | None = Field(None, ge=1, description="cap retention images per class (seeded)")
     max_per_task: int | None = Field(None, ge=1, description="cap test images per task (smoke runs)")
     cache_mb: int = Field(4096, ge=0, description="keep decoded test images (uint8) up to this size in memory")
 

@@ -49,8 +49,7 @@ def heatmap(a, names) -> str:
     T = len(a)
     m = np.array([[np.nan if v is None else v for v in row] for row in a], dtype=float)
     fig, ax = plt.subplots(figsize=(1.0 + 0.62 * T, 0.9 + 0.5 * T))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("#eeeeee")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#eeeeee")
     im = ax.imshow(m, cmap=cmap, vmin=0, vmax=100)
     for j in range(T):
         for i in range(T):

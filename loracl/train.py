@@ -393,7 +393,8 @@ class Runner:
         if self.cfg.eval.retention is None or self.model.backbone.pretrained_head is None:
             return None
         if self._retention is None:
-            self._retention = _retention_set(self.cfg.eval.retention, self.cfg.eval.retention_classes)
+            self._retention = _retention_set(self.cfg.eval.retention, self.cfg.eval.retention_classes,
+                                             self.cfg.eval.retention_per_class)
         head = self.model.backbone.pretrained_head
         return self._top1(self._retention, lambda x: head(self.model.features(x)).argmax(-1))
 
@@ -597,7 +598,7 @@ class Runner:
         return start, step_state
 
 
-def _retention_set(root: str, classes_tsv: str | None) -> ImageSet:
+def _retention_set(root: str, classes_tsv: str | None, per_class: int | None = None) -> ImageSet:
     """An image folder whose sub-folders are the pretrained head's classes (mapped by a tsv, else sorted)."""
     from .data.datasets import FileSource, scan_folder
 
@@ -613,4 +614,10 @@ def _retention_set(root: str, classes_tsv: str | None) -> ImageSet:
         except KeyError as e:
             raise LoraclError(f"retention folder {root}: class {e} is not in {classes_tsv}") from None
         targets = [remap[t] for t in targets]
-    return ImageSet.from_source(FileSource(paths, "retention"), targets)
+    images = ImageSet.from_source(FileSource(paths, "retention"), targets)
+    if per_class:
+        rng = np.random.default_rng(0)
+        rows = [r for c in np.unique(images.targets)
+                for r in rng.permutation(np.nonzero(images.targets == c)[0])[:per_class]]
+        images = images.subset(np.sort(np.asarray(rows)))
+    return images

@@ -13,7 +13,9 @@ SHARED = Path(os.environ.get("LORACL_SHARED", REPO.parent / "shared"))
 DATA = SHARED / "data"
 WEIGHTS = SHARED / "weights" / "vit-s6-tin32" / "model.safetensors"
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# two threads on two cores; one when the machine is already busy (OpenMP threads that spin on an
+# oversubscribed CPU make every step many times slower)
+torch.set_num_threads(1 if os.getloadavg()[0] > 1.5 else min(2, torch.get_num_threads()))
 
 
 def pytest_collection_modifyitems(config, items):

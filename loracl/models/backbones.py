@@ -52,8 +52,9 @@ def _weights_error(cfg: BackboneConfig, err: Exception, online: bool) -> Weights
         HF_HUB_CACHE = "~/.cache/huggingface/hub"
     how = ("the Hugging Face hub is not reachable from this machine" if not online
            else f"the download failed ({type(err).__name__}: {str(err).splitlines()[0][:160]})")
+    tag = f" (tag '{cfg.pretrained}')" if isinstance(cfg.pretrained, str) else ""
     return WeightsError(
-        f"pretrained weights for {cfg.kind} model '{cfg.name}' not found: {how}; looked in the hub cache "
+        f"pretrained weights for {cfg.kind} model '{cfg.name}'{tag} not found: {how}; looked in the hub cache "
         f"{HF_HUB_CACHE}. Download them once on a machine with internet, or give a local file with "
         f"--set backbone.file=PATH (a .safetensors/.bin/.pth state dict)")
 
@@ -221,7 +222,7 @@ class OpenCLIP(Backbone):
         online = True if (path is not None or tag is None) else hub_reachable()
         log = logging.getLogger()
         level = log.level
-        log.setLevel(logging.ERROR)  # open_clip warns about random init for our tiny test configs
+        log.setLevel(logging.CRITICAL)  # open_clip logs its own download errors and random-init warnings
         try:
             with (contextlib.nullcontext() if online else _offline_hub()):
                 model = open_clip.create_model(cfg.name, pretrained=tag, **cfg.kwargs)

@@ -100,6 +100,7 @@ class LinearHead(Head):
     def rebuild(self, structure):
         self.chunks = nn.ModuleList()
         self.chunk_ids = []
+        self._reindex()
         for ids in structure["chunk_ids"]:
             self.add_classes(ids)
 
