@@ -124,6 +124,9 @@ def retention_plot(ret) -> str | None:
     xs = [0] + [k + 1 for k, v in enumerate(per) if v is not None]
     ys = [ret["initial"]] + [v for v in per if v is not None]
     ax.plot(xs, ys, marker="o", color="#4f81bd")
+    for x, y in zip(xs, ys):
+        ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    ax.set_ylim(0, max(ys) * 1.3 + 1)  # from zero, so small changes are not drawn as cliffs
     ax.set_xlabel("after training task (0 = pretrained)")
     ax.set_ylabel("top-1 (%)")
     ax.set_title("pretrained head on its pretraining domain")

@@ -45,6 +45,23 @@ def test_run_writes_results_checkpoints_and_report(tmp_path):
     assert html.count("data:image/png;base64,") >= 3 and "accuracy matrix" in html.lower()
 
 
+def test_saved_config_reproduces_the_run(tmp_path):
+    rc, out = run(tmp_path, method="linear-probe", sets=smoke_sets(**{"benchmark.num_tasks": 2}))
+    assert main(["run", str(out / "config.yaml"), "--out", str(tmp_path / "again")]) == 0
+    a, b = results(out), results(tmp_path / "again")
+    assert a["acc_matrix"] == b["acc_matrix"] and a["metrics"] == b["metrics"]
+
+
+def test_tensorboard_logging_or_clear_error(tmp_path, capsys):
+    rc, out = run(tmp_path, method="linear-probe", sets=smoke_sets(**{"benchmark.num_tasks": 2, "tensorboard": True}))
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        assert rc == 2 and "pip install loracl[tensorboard]" in capsys.readouterr().err
+    else:
+        assert rc == 0 and any((out / "tensorboard").iterdir())
+
+
 def test_flops_of_a_lora_step_match_hand_count(tmp_path):
     """Forward+backward FLOPs of one task's training, against the count from the model's shapes."""
     rc, out = run(tmp_path, sets=smoke_sets(**{"benchmark.num_tasks": 2, "train.max_steps_per_epoch": 2,
