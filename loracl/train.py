@@ -125,10 +125,10 @@ class Runner:
                  log=print):
         self.cfg = cfg
         self.out = Path(out_dir)
-        self.log = log if dist.is_main() else (lambda *a, **k: None)
-        self.progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main()
         self.device = pick_device(cfg.device)
         dist.init_from_env(self.device)
+        self.log = log if dist.is_main() else (lambda *a, **k: None)
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.resume = resume
@@ -227,12 +227,14 @@ class Runner:
             self.phase_seconds[phase] += time.perf_counter() - t0
 
     def loader(self, images: ImageSet, *, train: bool, seed_parts=(), shuffle: bool | None = None,
-               batch_size: int | None = None, start: int = 0, augment: bool | None = None):
+               batch_size: int | None = None, start: int = 0, augment: bool | None = None,
+               equal_steps: bool = False):
         bs = batch_size or (self.cfg.data.batch_size if train else self.cfg.data.eval_batch_size)
         return make_loader(images, self.train_tf if train else self.test_tf, bs,
                            seed=derive_seed(self.cfg.seed, *seed_parts), shuffle=train if shuffle is None else shuffle,
                            start=start, num_workers=self.cfg.data.num_workers,
-                           augment=train if augment is None else augment, pin_memory=self.device.type == "cuda")
+                           augment=train if augment is None else augment, pin_memory=self.device.type == "cuda",
+                           equal_steps=equal_steps)
 
     def forward_pass(self, images: ImageSet, fn, *, desc: str, train_transform: bool = True,
                      grad: bool = False, batch_size: int | None = None) -> None:
@@ -278,15 +280,16 @@ class Runner:
             torch.set_rng_state(resume_state["rng"])
         first_bad = torch.tensor(-1, device=self.device)
         loss = torch.zeros(())
+        self.method.net = self._data_parallel()
         self.flops.new_phase(phase)
         self.model.train(cfg.train.model_mode == "train")
         bar = tqdm(total=epochs * spe, initial=start_epoch * spe + start_batch, leave=False,
-                   desc=f"  {task.name} {phase}", disable=not self.progress)
+                   desc=f"task {task.index + 1}/{len(self.scenario)} {task.name} {phase}", disable=not self.progress)
         with self.timed(phase):
             for epoch in range(start_epoch, epochs):
                 b0 = start_batch if epoch == start_epoch else 0
                 loader = self.loader(images, train=True, seed_parts=(task.index, phase, epoch), batch_size=bs,
-                                     start=b0)
+                                     start=b0, equal_steps=True)
                 for b, (x, y, rows) in enumerate(loader, start=b0):
                     if b >= spe:
                         break
@@ -324,8 +327,20 @@ class Runner:
                 self._check_finite(first_bad, task, phase, spe)
                 bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
         bar.close()
+        self.method.net = self.model
         self.model.eval()
         return step
+
+    def _data_parallel(self):
+        """Under torchrun, training forwards go through DDP (gradients averaged across processes)."""
+        if not dist.is_dist():
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # rebuilt per phase: each task trains a different set of parameters. Unused parameters are allowed
+        # because a method may leave some trainable tensors out of a step.
+        return DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                   find_unused_parameters=True)
 
     def _check_finite(self, first_bad: torch.Tensor, task: Task, phase: str, spe: int) -> None:
         bad = int(first_bad)
@@ -483,6 +498,10 @@ class Runner:
             msg += f", mean acc on tasks so far {sum(seen) / len(seen):.2f}%"
         if self.results["retention"] is not None and self.results["retention"]["per_task"][t] is not None:
             msg += f", pretrained retention {self.results['retention']['per_task'][t]:.2f}%"
+        done = [x for x in c["train_seconds_per_task"] if x]
+        left = sum(1 for k in range(t + 1, T) if not self.method.joint)
+        if left and done:
+            msg += f"; about {left * sum(done) / len(done) / 60:.1f} min of training left"
         self.log(msg)
         if self._tb is not None:
             for i, v in enumerate(row):

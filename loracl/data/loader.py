@@ -3,7 +3,7 @@
 The order of an epoch is a permutation drawn from (seed, task, epoch, phase), and every sample's random
 augmentation is drawn from its own seed, so a run resumed at batch k of an epoch sees exactly the images,
 in exactly the augmentations, that the uninterrupted run saw, whatever the number of loader workers.
-Under torchrun each process takes every world_size-th batch of the same order.
+Under torchrun each process takes its share of every (global) batch of the same order.
 """
 
 from __future__ import annotations
@@ -45,12 +45,18 @@ class TransformedSet(Dataset):
 
 
 class EpochBatches(Sampler):
-    """Batches of (row, sample_seed) of one epoch, starting at batch `start`, sharded over processes."""
+    """Batches of (row, sample_seed) of one epoch, starting at batch `start`.
+
+    `batch_size` is the global batch: under torchrun each process takes its contiguous share of every
+    batch, so a run on N processes sees the same batches, with the same augmentations, as on one.
+    `equal_steps` (training) gives a process with nothing left in a short last batch one repeated
+    sample, so that every process takes the same number of steps; otherwise it skips the batch.
+    """
 
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, start: int = 0,
-                 drop_last: bool = False, augment: bool = True):
+                 drop_last: bool = False, augment: bool = True, equal_steps: bool = False):
         self.n, self.bs, self.seed, self.shuffle = n, batch_size, seed, shuffle
-        self.start, self.drop_last, self.augment = start, drop_last, augment
+        self.start, self.drop_last, self.augment, self.equal_steps = start, drop_last, augment, equal_steps
         self.world, self.rank = dist.world_size(), dist.rank()
 
     def order(self) -> torch.Tensor:
@@ -59,8 +65,7 @@ class EpochBatches(Sampler):
         return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed))
 
     def num_batches(self) -> int:
-        full = self.n // (self.bs * self.world)
-        rest = self.n - full * self.bs * self.world
+        full, rest = divmod(self.n, self.bs)
         return full + (0 if self.drop_last or rest == 0 else 1)
 
     def __len__(self):
@@ -68,22 +73,24 @@ class EpochBatches(Sampler):
 
     def __iter__(self):
         order = self.order().tolist()
-        per_step = self.bs * self.world
         for b in range(self.start, self.num_batches()):
-            chunk = order[b * per_step:(b + 1) * per_step]
+            chunk = order[b * self.bs:(b + 1) * self.bs]
             k = (len(chunk) + self.world - 1) // self.world
-            mine = chunk[self.rank * k:(self.rank + 1) * k]
-            if not mine:  # a short last step may leave a process without data
-                mine = chunk[:1]
+            lo = self.rank * k
+            mine = chunk[lo:lo + k]
+            if not mine:
+                if not self.equal_steps:
+                    continue
+                mine, lo = chunk[-1:], len(chunk) - 1
             if self.augment:
-                yield [(r, derive_seed(self.seed, b * per_step + self.rank * k + j)) for j, r in enumerate(mine)]
+                yield [(r, derive_seed(self.seed, b * self.bs + lo + j)) for j, r in enumerate(mine)]
             else:
                 yield [(r, None) for r in mine]
 
 
 def make_loader(images: ImageSet, transform, batch_size: int, *, seed: int = 0, shuffle: bool = False,
                 start: int = 0, num_workers: int = 0, augment: bool = True, pin_memory: bool = False,
-                drop_last: bool = False) -> DataLoader:
-    sampler = EpochBatches(len(images), batch_size, seed, shuffle, start, drop_last, augment)
+                drop_last: bool = False, equal_steps: bool = False) -> DataLoader:
+    sampler = EpochBatches(len(images), batch_size, seed, shuffle, start, drop_last, augment, equal_steps)
     return DataLoader(TransformedSet(images, transform), batch_sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=False)

@@ -1,0 +1,43 @@
+"""Data-parallel training under torchrun (2 CPU processes, gloo) equals the single-process run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, smoke_sets
+
+pytestmark = pytest.mark.shared
+
+
+def _run(out, nproc, sets):
+    cmd = [sys.executable, "-m", "loracl", "run", "--preset", "cifar100-mini", "--method", "seq-lora",
+           "--out", str(out)]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "loracl", "run", "--preset", "cifar100-mini", "--method", "seq-lora", "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def test_two_processes_match_one(tmp_path):
+    sets = smoke_sets(**{"benchmark.num_tasks": 2, "train.max_steps_per_epoch": 3, "data.batch_size": 8,
+                         "threads": 1})
+    one = _run(tmp_path / "one", 1, sets)
+    two = _run(tmp_path / "two", 2, sets)
+    a = torch.load(tmp_path / "one" / "checkpoints" / "task_01.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "two" / "checkpoints" / "task_01.pt", weights_only=False)["model"]
+    assert set(a) == set(b) and len(a) == 6 + 4  # six merged qkv weights, two head chunks
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
+    for ra, rb in zip(one["acc_matrix"], two["acc_matrix"]):
+        for x, y in zip(ra, rb):
+            assert (x is None and y is None) or abs(x - y) <= 100 / 40 + 1e-9  # at most one test image differs
+    assert two["cost"]["train_flops_per_task"] == pytest.approx(one["cost"]["train_flops_per_task"], rel=1e-6)
