@@ -82,7 +82,12 @@ class DataConfig(Strict):
     train_augment: Literal["none", "flip", "crop_flip", "rrc_flip"] = "flip"
     normalize: bool = True
     resize: Literal["backbone", "resize", "resize_crop"] = "backbone"
-    stats_augment: bool = Field(True, description="statistics passes see training transforms (InfLoRA)")
+    pipeline: Literal["auto", "pil", "tensor"] = Field(
+        "auto", description="pil: decode and augment every image with PIL (the reference); tensor: decode once, "
+                            "augment batches on the device; auto: tensor on GPU, pil on CPU")
+    cache_dir: str | None = Field(None, description="tensor pipeline: keep decoded datasets here (memory-mapped)")
+    host_cache_mb: int = Field(8192, ge=0, description="tensor pipeline: decoded data kept in RAM up to this size")
+    device_cache_mb: int = Field(24576, ge=0, description="tensor pipeline: decoded data moved to the GPU up to this size")
 
 
 class OptimizerConfig(Strict):

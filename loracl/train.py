@@ -27,7 +27,7 @@ from .config import OptimizerConfig, RunConfig, ScheduleConfig, dump_config
 from .data.datasets import ImageSet
 from .data.loader import derive_seed, make_loader
 from .data.scenarios import Scenario, Task, build_scenario
-from .data.transforms import build_transforms
+from .data.transforms import build_transforms, crop_fraction
 from .errors import ConfigError, LoraclError, TrainingDiverged
 from .flops import FlopMeter
 from .methods import Batch, get_method
@@ -146,6 +146,14 @@ class Runner:
         self._retention = None
         self._tb = None
         self._eval_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._decoded_sets: dict = {}
+        if self._tensor_pipeline():
+            from .data.tensor_pipeline import BatchAugment
+
+            dc = self.model.backbone.data_config()
+            pct = crop_fraction(cfg.data, dc)
+            self._augment = {True: BatchAugment(cfg.data.train_augment, dc["size"], pct, self.train_tf),
+                             False: BatchAugment("none", dc["size"], pct, self.test_tf)}
         self._eval_cache_bytes = 0
         T = len(self.scenario)
         self.results = {
@@ -193,8 +201,73 @@ class Runner:
         """uint8 batch from a loader -> normalised float input on the model's device."""
         return (self.train_tf if train else self.test_tf).finish(x.to(self.device, non_blocking=True))
 
+    def _tensor_pipeline(self) -> bool:
+        p = self.cfg.data.pipeline
+        return p == "tensor" or (p == "auto" and self.device.type == "cuda")
+
+    def _decoded(self, images: ImageSet):
+        """The decoded-once copy of `images` for the tensor pipeline (None: too large, use the PIL path)."""
+        from .data.tensor_pipeline import DecodedImages, storage_size
+
+        key = images.fingerprint()
+        if key in self._decoded_sets:
+            return self._decoded_sets[key]
+        d = self.cfg.data
+        dc = self.model.backbone.data_config()
+        pct = crop_fraction(d, dc)
+        store = storage_size(images, dc["size"], pct)
+        nbytes = len(images) * 3 * store * store
+        used = sum(x.data.numel() for x in self._decoded_sets.values() if x is not None)
+        dec = None
+        if d.cache_dir or used + nbytes <= d.host_cache_mb * 2 ** 20:
+            dec = DecodedImages(images, store, dc["interpolation"], pct >= 1.0, device=self.device,
+                                device_budget=d.device_cache_mb * 2 ** 20, cache_dir=d.cache_dir,
+                                workers=d.num_workers)
+        else:
+            self.log(f"  {len(images)} images at {store} px need {nbytes / 2**20:.0f} MiB, more than "
+                     f"data.host_cache_mb: reading them with PIL instead (set data.cache_dir to memory-map them)")
+        self._decoded_sets[key] = dec
+        return dec
+
+    def batches(self, images: ImageSet, *, train: bool, seed_parts=(), shuffle: bool | None = None,
+                batch_size: int | None = None, start: int = 0, equal_steps: bool = False):
+        """(input on device, target on device, rows) batches of `images`, with training or test views.
+
+        Seeds derive from (run seed, *seed_parts), so the batches are the same after a resume. The tensor
+        pipeline (decode once, augment on the device) is used when configured and the data fits."""
+        bs = batch_size or (self.cfg.data.batch_size if train else self.cfg.data.eval_batch_size)
+        shuffle = train if shuffle is None else shuffle
+        seed = derive_seed(self.cfg.seed, *seed_parts)
+        dec = self._decoded(images) if self._tensor_pipeline() else None
+        if dec is None:
+            for x, y, rows in make_loader(images, self.train_tf if train else self.test_tf, bs, seed=seed,
+                                          shuffle=shuffle, start=start, num_workers=self.cfg.data.num_workers,
+                                          augment=train, pin_memory=self.device.type == "cuda",
+                                          equal_steps=equal_steps):
+                yield self.prepare(x, train), y.to(self.device, non_blocking=True), rows
+            return
+        from .data.loader import EpochBatches
+
+        aug = self._augment[train]
+        sampler = EpochBatches(len(images), bs, seed, shuffle, start, augment=False, equal_steps=equal_steps)
+        for b, items in enumerate(sampler, start=start):
+            rows = torch.tensor([r for r, _ in items], dtype=torch.long)
+            gen = torch.Generator().manual_seed(derive_seed(seed, b)) if train else None
+            x = aug(dec.rows(rows).to(self.device, non_blocking=True), gen)
+            yield x, dec.targets[rows].to(self.device, non_blocking=True), rows
+
+    def num_batches(self, images: ImageSet, batch_size: int) -> int:
+        from .data.loader import EpochBatches
+
+        return EpochBatches(len(images), batch_size, 0, False).num_batches()
+
     def eval_batches(self, images: ImageSet):
-        """(input, target) batches of a test set; decoded once and kept as uint8 when it fits cfg.eval.cache_mb."""
+        """(input, target) batches of a test set; with the PIL pipeline decoded once and kept as uint8 when
+        it fits cfg.eval.cache_mb."""
+        if self._tensor_pipeline():
+            for x, y, _ in self.batches(images, train=False, shuffle=False):
+                yield x, y
+            return
         key = images.fingerprint()
         cached = self._eval_cache.get(key)
         bs = self.cfg.data.eval_batch_size
@@ -202,11 +275,11 @@ class Runner:
             size = self.model.backbone.data_config()["size"]
             fits = len(images) * 3 * size * size <= self.cfg.eval.cache_mb * 2 ** 20 - self._eval_cache_bytes
             if not fits:
-                for x, y, _ in self.loader(images, train=False, shuffle=False):
-                    yield self.prepare(x, False), y.to(self.device)
+                for x, y, _ in self.batches(images, train=False, shuffle=False):
+                    yield x, y
                 return
             xs, ys = [], []
-            for x, y, _ in self.loader(images, train=False, shuffle=False):
+            for x, y, _ in make_loader(images, self.test_tf, bs, num_workers=self.cfg.data.num_workers, augment=False):
                 xs.append(x)
                 ys.append(y)
             cached = (torch.cat(xs), torch.cat(ys))
@@ -226,27 +299,19 @@ class Runner:
                 torch.cuda.synchronize()
             self.phase_seconds[phase] += time.perf_counter() - t0
 
-    def loader(self, images: ImageSet, *, train: bool, seed_parts=(), shuffle: bool | None = None,
-               batch_size: int | None = None, start: int = 0, augment: bool | None = None,
-               equal_steps: bool = False):
-        bs = batch_size or (self.cfg.data.batch_size if train else self.cfg.data.eval_batch_size)
-        return make_loader(images, self.train_tf if train else self.test_tf, bs,
-                           seed=derive_seed(self.cfg.seed, *seed_parts), shuffle=train if shuffle is None else shuffle,
-                           start=start, num_workers=self.cfg.data.num_workers,
-                           augment=train if augment is None else augment, pin_memory=self.device.type == "cuda",
-                           equal_steps=equal_steps)
-
     def forward_pass(self, images: ImageSet, fn, *, desc: str, train_transform: bool = True,
                      grad: bool = False, batch_size: int | None = None) -> None:
         """Call fn(Batch) over `images` once (statistics, features, gradient estimates), timed and FLOP-counted
         as phase `desc`. Training transforms by default, as InfLoRA's statistics passes use."""
         t = self.current_task.index if self.current_task else -1
-        loader = self.loader(images, train=train_transform, seed_parts=("pass", desc, t), shuffle=False,
-                             batch_size=batch_size or self.cfg.data.eval_batch_size)
+        bs = batch_size or self.cfg.data.eval_batch_size
+        batches = self.batches(images, train=train_transform, seed_parts=("pass", desc, t), shuffle=False,
+                               batch_size=bs)
         self.flops.new_phase(desc)
         with self.timed(desc), torch.set_grad_enabled(grad), self.amp_context():
-            for x, y, rows in tqdm(loader, desc=f"  {desc}", leave=False, disable=not self.progress):
-                b = Batch(self.prepare(x, train_transform), y.to(self.device), rows)
+            for x, y, rows in tqdm(batches, total=self.num_batches(images, bs), desc=f"  {desc}", leave=False,
+                                   disable=not self.progress):
+                b = Batch(x, y, rows)
                 self.flops.step(desc, len(y), lambda: fn(b))
 
     def fit(self, task: Task, *, phase: str, images: ImageSet, epochs: int, groups=None, loss_fn=None,
@@ -264,8 +329,7 @@ class Runner:
         after_backward = after_backward if after_backward is not None else self.method.after_backward
         bs = batch_size or cfg.data.batch_size
         opt = build_optimizer(groups, optimizer or cfg.train.optimizer)
-        probe = self.loader(images, train=True, seed_parts=(task.index, phase, 0), batch_size=bs)
-        spe = len(probe.batch_sampler)
+        spe = self.num_batches(images, bs)
         if cfg.train.max_steps_per_epoch:
             spe = min(spe, cfg.train.max_steps_per_epoch)
         sched = build_schedule(opt, schedule or cfg.train.schedule, epochs, spe)
@@ -288,12 +352,12 @@ class Runner:
         with self.timed(phase):
             for epoch in range(start_epoch, epochs):
                 b0 = start_batch if epoch == start_epoch else 0
-                loader = self.loader(images, train=True, seed_parts=(task.index, phase, epoch), batch_size=bs,
-                                     start=b0, equal_steps=True)
-                for b, (x, y, rows) in enumerate(loader, start=b0):
+                batches = self.batches(images, train=True, seed_parts=(task.index, phase, epoch), batch_size=bs,
+                                       start=b0, equal_steps=True)
+                for b, (x, y, rows) in enumerate(batches, start=b0):
                     if b >= spe:
                         break
-                    batch = Batch(self.prepare(x, True), y.to(self.device, non_blocking=True), rows)
+                    batch = Batch(x, y, rows)
                     opt.zero_grad(set_to_none=True)
 
                     def step_fn():

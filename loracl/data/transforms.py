@@ -49,14 +49,22 @@ class Pipeline:
         return f"Pipeline({self.geometric}, normalize={self.mean is not None})"
 
 
+def crop_fraction(cfg: DataConfig, dc: dict) -> float:
+    """Fraction of the (shorter-side) resized image the test transform keeps; 1.0 = plain resize."""
+    if cfg.resize == "resize":
+        return 1.0
+    if cfg.resize == "resize_crop":
+        return 0.875
+    return min(float(dc.get("crop_pct", 1.0)), 1.0)
+
+
 def build_transforms(cfg: DataConfig, dc: dict) -> tuple[Pipeline, Pipeline]:
     """(train, test) pipelines. `dc`: size, mean, std, interpolation, crop_pct of the backbone."""
     size, interp = dc["size"], _interp(dc["interpolation"])
-    crop_pct = dc.get("crop_pct", 1.0)
-    if cfg.resize == "resize" or (cfg.resize == "backbone" and crop_pct >= 1.0):
+    pct = crop_fraction(cfg, dc)
+    if pct >= 1.0:
         resize = [T.Resize((size, size), interpolation=interp)]
     else:
-        pct = crop_pct if cfg.resize == "backbone" else 0.875
         resize = [T.Resize(int(math.floor(size / pct)), interpolation=interp), T.CenterCrop(size)]
     norm = (dc["mean"], dc["std"]) if cfg.normalize else (None, None)
     test = Pipeline(resize, *norm)
