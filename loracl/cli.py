@@ -158,6 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(msg: str) -> str:
+    """A DataLoader worker re-raises our error with its traceback folded into the message: keep our line."""
+    if "Traceback" in msg:
+        last = [l for l in msg.strip().splitlines() if l.strip()][-1]
+        return last.split(": ", 1)[1] if last.startswith("loracl.errors.") else last
+    return msg
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -166,7 +174,7 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except LoraclError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished tasks are saved; continue with the same command plus --resume",

@@ -117,6 +117,7 @@ class TrainConfig(Strict):
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for smoke runs")
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: task boundaries only)")
     nan_policy: Literal["stop", "skip"] = "stop"
+    compile: bool = Field(False, description="torch.compile the training forward (recompiles when branches change)")
 
     @field_validator("epochs")
     @classmethod

@@ -345,6 +345,8 @@ class Runner:
         first_bad = torch.tensor(-1, device=self.device)
         loss = torch.zeros(())
         self.method.net = self._data_parallel()
+        if cfg.train.compile:
+            self.method.net = torch.compile(self.method.net)
         self.flops.new_phase(phase)
         self.model.train(cfg.train.model_mode == "train")
         bar = tqdm(total=epochs * spe, initial=start_epoch * spe + start_batch, leave=False,

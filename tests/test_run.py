@@ -189,3 +189,22 @@ def test_cli_errors_and_help(tmp_path, capsys):
     rc, _ = run(tmp_path, sets=smoke_sets(**{"backbone.file": "/no/weights.safetensors"}), name="w")
     assert rc == 2 and "/no/weights.safetensors" in capsys.readouterr().err
     assert main(["list"]) == 0 and "cifar100-mini" in capsys.readouterr().out
+
+
+def test_corrupt_image_in_a_worker_is_one_line(tmp_path, capsys):
+    import shutil
+    from conftest import DATA
+
+    root = tmp_path / "data"
+    for part in ("train", "test"):
+        for c in ("airplane", "bird", "cat", "dog"):
+            (root / part / c).mkdir(parents=True)
+            for f in sorted((DATA / "cifar10" / part / c).iterdir())[:6]:
+                shutil.copy(f, root / part / c / f.name)
+    (root / "train" / "cat" / "zz-broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    sets = smoke_sets(**{"benchmark.num_tasks": 2, "data.num_workers": 1, "data.batch_size": 64,
+                         "benchmark.datasets": f"[{{name: imagefolder, root: {root}}}]"})
+    rc, out = run(tmp_path, sets=sets)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "zz-broken.jpg" in err[0] and err[0].startswith("error: cannot read image")
+    assert (out / "checkpoints" / "task_00.pt").exists()  # the task before the broken image is kept
