@@ -245,18 +245,20 @@ def _linear_hook(module: nn.Module, args, output):
     return module.lora.apply_branches(args[0], output)
 
 
+def _extend(layer: LoRALayer, slices: dict[str, tuple[int, int]]) -> LoRALayer:
+    for name, rows in slices.items():
+        if name not in layer.slices:
+            layer.slices[name] = rows
+            layer.branches[name] = nn.ModuleList()
+    return layer
+
+
 def attach_linear(linear: nn.Linear, slices: dict[str, tuple[int, int]]) -> LoRALayer:
     """Attach (or extend) the LoRA layer of an nn.Linear."""
-    if hasattr(linear, "lora"):
-        layer = linear.lora
-        for name, rows in slices.items():
-            if name not in layer.slices:
-                layer.slices[name] = rows
-                layer.branches[name] = nn.ModuleList()
-        return layer
-    linear.lora = LoRALayer(linear, "weight", slices)
-    linear._lora_hook = linear.register_forward_hook(_linear_hook)
-    return linear.lora
+    if not hasattr(linear, "lora"):
+        linear.lora = LoRALayer(linear, "weight", {})
+        linear._lora_hook = linear.register_forward_hook(_linear_hook)
+    return _extend(linear.lora, slices)
 
 
 def attach_mha(mha: nn.MultiheadAttention, slices: dict[str, tuple[int, int]]) -> LoRALayer:
@@ -266,12 +268,7 @@ def attach_mha(mha: nn.MultiheadAttention, slices: dict[str, tuple[int, int]]) -
     if not isinstance(mha, LoRAMultiheadAttention):
         mha.__class__ = LoRAMultiheadAttention
         mha.lora_in = LoRALayer(mha, "in_proj_weight", {})
-    layer = mha.lora_in
-    for name, rows in slices.items():
-        if name not in layer.slices:
-            layer.slices[name] = rows
-            layer.branches[name] = nn.ModuleList()
-    return layer
+    return _extend(mha.lora_in, slices)
 
 
 class LoRAAdapter:
