@@ -90,3 +90,16 @@ def test_resume_after_first_task_gives_the_same_run(merged_run, tmp_path):
     w = {n: p for n, p in r.model.named_parameters()}
     for n, p in merged_run.model.named_parameters():
         torch.testing.assert_close(w[n], p, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("head,encoders", [("linear", "[image]"), ("text", "null")])
+def test_runs_on_open_clip(tmp_path, head, encoders):
+    """The same method on a (tiny, random) open_clip CLIP: image encoder only with linear heads, and both
+    encoders with the text head (text layers' statistics come from the task's prompts)."""
+    torch.set_num_threads(1)
+    r = _run(tmp_path / head, "backbone={kind: open_clip, name: loracl-tiny-clip, pretrained: false}",
+             f"head.kind={head}", f"method.encoders={encoders}")
+    dims = r.method.memory.dims()
+    expect = {f"image.{b}.k+v" for b in range(2)} | ({f"text.{b}.k+v" for b in range(2)} if head == "text" else set())
+    assert set(dims) == expect and all(n > 0 for n, _ in dims.values())
+    assert r.results["status"] == "complete"

@@ -185,11 +185,12 @@ class InfLoRA(Method):
         dims = self.memory.dims()
         if not dims:
             return
-        d = next(iter(self.layers.values())).d_in
+        d = sorted({layer.d_in for layer in self.layers.values()})
         n = sorted(v[0] for v in dims.values())
         retain = sum(1 for v in dims.values() if v[1] == "retain")
         self.run.log(f"  inflora memory after task {task.index}: threshold {self.memory.threshold(task.index):.4f}, "
-                     f"old-space dims per layer min {n[0]} / median {n[len(n) // 2]} / max {n[-1]} of {d}"
+                     f"old-space dims per layer min {n[0]} / median {n[len(n) // 2]} / max {n[-1]} "
+                     f"of {'/'.join(map(str, d))}"
                      f"{f', {retain} layers stored as retain' if retain else ''}")
 
 
