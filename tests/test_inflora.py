@@ -165,3 +165,26 @@ def test_toy_disjoint_subspaces_earlier_task_is_untouched(inflora, one_thread):
         assert (dW @ M0).abs().max() < 1e-4 * dW.abs().max()
     else:  # the control shows the property is not free: a random down-projection moves task 0's outputs
         assert (after - before).abs().max() > 1e-2
+
+
+def test_memory_on_the_input_matrix_equals_memory_on_the_covariance_root():
+    """The paper's DualGPM runs on the token matrix H (d x N); C^(1/2) with C = H H^T / N stands in for it
+    exactly (same left singular vectors and residual spectra), so the 'input' energy needs only C."""
+    from loracl.subspace import psd_sqrt
+
+    g = torch.Generator().manual_seed(5)
+    d, n = 16, 300
+    on_h, on_root, on_c = DualGPM(0.9, 3), DualGPM(0.9, 3), DualGPM(0.9, 3)
+    for t in range(3):
+        H = torch.randn(d, n, generator=g, dtype=torch.float64) * torch.linspace(2, 0.2, d, dtype=torch.float64)[:, None]
+        H = torch.roll(H, shifts=5 * t, dims=0)  # each task stresses other directions
+        C = H @ H.t() / n
+        on_h.update("L", H / math.sqrt(n), t)
+        on_root.update("L", psd_sqrt(C), t)
+        on_c.update("L", C, t)
+        assert on_h.kind["L"] == on_root.kind["L"]
+        A, B = on_h.old_space("L").double(), on_root.old_space("L").double()
+        assert A.shape == B.shape
+        torch.testing.assert_close(A @ A.t(), B @ B.t(), atol=1e-5, rtol=0)
+        if t == 0:  # squared eigenvalues concentrate the energy: the official criterion keeps fewer directions
+            assert 0 < on_c.dims()["L"][0] < on_h.dims()["L"][0] < d

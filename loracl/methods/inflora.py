@@ -7,7 +7,8 @@ gets per task t a branch `W + A_t B_t`. For each task:
     2. B_t   = design_down_projection(C_t, free space of the memory)   frozen, orthogonal to old tasks' inputs
     3. train A_t (zero-initialised, k and v) and the task's linear head, cross-entropy over the task's classes
     4. merge A_t B_t into W  (the official code instead keeps every branch and sums them in each forward)
-    5. C_t again, with the trained model -> DualGPM update of the layer's memory (GPM for InfLoRA-b5)
+    5. C_t again, with the trained model -> DualGPM update of the layer's memory (GPM for InfLoRA-b5); energy on
+       the squared singular values of C_t (official code) or of the input matrix H_t (the paper)
 
 Because B_t's rows lie in the complement of the memory, `W x` is unchanged for every input x in the old
 tasks' subspace, whatever A_t learns: that is the interference-free property.
@@ -22,7 +23,7 @@ from pydantic import Field
 
 from ..errors import LoraclError
 from ..stats import layer_input_moments
-from ..subspace import INV_SQRT3, DualGPM
+from ..subspace import INV_SQRT3, DualGPM, psd_sqrt
 from . import register
 from .base import LoRAOptions, Method
 
@@ -68,6 +69,9 @@ class InfLoRAConfig(LoRAOptions):
     eps: float = Field(0.95, gt=0, lt=1, description="DualGPM energy threshold of the first task")
     variant: Literal["official", "paper"] = Field("official", description="design of B_t (METHODS.md 1.2)")
     memory: Literal["dualgpm", "gpm"] = Field("dualgpm", description="gpm: 'remove' bases only (InfLoRA-b5, DomainNet)")
+    energy: Literal["covariance", "input"] | None = Field(
+        None, description="DualGPM energy: squared singular values of C (official code) or of the input matrix H "
+                          "(the paper, as GPM: eigenvalues of C); default: by variant")
     merge: bool = Field(True, description="merge each task's branch into W; false: keep and sum all (official code)")
 
 
@@ -121,8 +125,12 @@ class InfLoRA(Method):
                     br.train_up = False
                     br.up.requires_grad_(False)
         C = self.input_moments(task, "stats-after")
+        # the official code runs DualGPM on C itself, so energy is its squared eigenvalues; the paper (like GPM)
+        # runs it on the input matrix H, whose squared singular values are C's eigenvalues: C^(1/2) has the same
+        # left singular vectors and residuals as H / sqrt(N), so it stands in for H exactly.
+        energy = self.cfg.energy or ("covariance" if self.cfg.variant == "official" else "input")
         for key in self.layers:
-            self.memory.update(key, C[key], task.index)
+            self.memory.update(key, C[key] if energy == "covariance" else psd_sqrt(C[key]), task.index)
         self.log_memory(task)
 
     def state_dict(self):
