@@ -100,6 +100,7 @@ class LinearHead(Head):
     def rebuild(self, structure):
         self.chunks = nn.ModuleList()
         self.chunk_ids = []
+        self.column_of = torch.full((0,), -1, dtype=torch.long, device=self.column_of.device)  # forget old ids
         for ids in structure["chunk_ids"]:
             self.add_classes(ids)
 
