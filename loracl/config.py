@@ -82,6 +82,8 @@ class DataConfig(Strict):
     train_augment: Literal["none", "flip", "crop_flip", "rrc_flip"] = "flip"
     normalize: bool = True
     resize: Literal["backbone", "resize", "resize_crop"] = "backbone"
+    stats_augment: bool = Field(True, description="statistics / feature passes see the training transforms "
+                                                  "(as InfLoRA's official code) rather than the test ones")
     pipeline: Literal["auto", "pil", "tensor"] = Field(
         "auto", description="pil: decode and augment every image with PIL (the reference); tensor: decode once, "
                             "augment batches on the device; auto: tensor on GPU, pil on CPU")

@@ -42,6 +42,16 @@ def principal_basis(A: torch.Tensor, threshold: float, side: str = "left", inclu
     return B.to(A.dtype).contiguous()
 
 
+def psd_sqrt(K: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a PSD matrix (negative round-off eigenvalues clipped to 0).
+
+    For K = X X^T / N (token second moments), psd_sqrt(K) has the left singular vectors of the token matrix
+    X and squared singular values proportional to X's: handing it to the GPM rules measures energy on the
+    representation matrix itself (GPM, KeepLoRA) instead of on the squared eigenvalues of K (InfLoRA)."""
+    L, Q = torch.linalg.eigh(K.double())
+    return ((Q * L.clamp(min=0).sqrt()) @ Q.t()).to(K.dtype)
+
+
 def project_out(X: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
     """(I - M M^T) X: the part of X's columns orthogonal to span(M)."""
     if M is None or M.shape[1] == 0:
@@ -114,7 +124,7 @@ def dualgpm_retain_update(F: torch.Tensor, C: torch.Tensor, threshold: float) ->
         return F
     remaining = F - U_R[:, :r] @ (U_R[:, :r].t() @ F)
     U, _, _ = torch.linalg.svd(remaining.double(), full_matrices=False)
-    return U[:, : F.shape[1] - r].to(F.dtype).contiguous()
+    return U[:, : max(F.shape[1] - r, 0)].to(F.dtype).contiguous()
 
 
 class DualGPM:
@@ -123,10 +133,12 @@ class DualGPM:
     `kind[i]` is "remove" when `basis[i]` spans the old tasks' space and "retain" when it spans its
     complement (the space still free); a "remove" basis of more than d/2 columns is stored as its
     complement. With `dual=False` this is plain GPM ("remove" only), as InfLoRA-b5 and DomainNet use.
+    Bases are stored in `dtype` (float32: at most d/2 columns each with DualGPM); updates run in the
+    dtype of the statistics they are given (float64 recommended).
     """
 
-    def __init__(self, eps: float, num_tasks: int, dual: bool = True):
-        self.eps, self.num_tasks, self.dual = eps, num_tasks, dual
+    def __init__(self, eps: float, num_tasks: int, dual: bool = True, dtype: torch.dtype = torch.float32):
+        self.eps, self.num_tasks, self.dual, self.dtype = eps, num_tasks, dual, dtype
         self.basis: dict[str, torch.Tensor] = {}
         self.kind: dict[str, str] = {}
 
@@ -140,11 +152,18 @@ class DualGPM:
         B = self.basis[key]
         return B if self.kind[key] == "remove" else orthogonal_complement(B)
 
+    def free_basis(self, key: str, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+        """Orthonormal basis of the space still free for a new task (None: everything is free)."""
+        if key not in self.basis:
+            return None
+        B = self.basis[key].to(dtype)
+        return orthogonal_complement(B) if self.kind[key] == "remove" else B
+
     def free_projection(self, key: str, X: torch.Tensor) -> torch.Tensor:
         """Project X's columns onto the space still free for a new task: (I - M M^T) X or F F^T X."""
         if key not in self.basis:
             return X
-        B = self.basis[key]
+        B = self.basis[key].to(X.dtype)
         return project_out(X, B) if self.kind[key] == "remove" else project_onto(X, B)
 
     def update(self, key: str, C: torch.Tensor, task: int) -> None:
@@ -156,15 +175,16 @@ class DualGPM:
             if self.dual and r >= d / 2:
                 # the official code stores U[:, :r] here but labels it "retain" (the free space), which later
                 # trips its own assertion; the free space is the complement of the kept directions.
-                self.basis[key], self.kind[key] = U[:, r:].contiguous(), "retain"
+                B, kind = U[:, r:], "retain"
             else:
-                self.basis[key], self.kind[key] = U[:, :r].contiguous(), "remove"
+                B, kind = U[:, :r], "remove"
         elif self.kind[key] == "remove":
-            self.basis[key] = gpm_extend(self.basis[key], C, thr)
+            B, kind = gpm_extend(self.basis[key].to(C.dtype), C, thr), "remove"
         else:
-            self.basis[key] = dualgpm_retain_update(self.basis[key], C, thr)
-        if self.dual and self.kind[key] == "remove" and self.basis[key].shape[1] > d / 2:
-            self.basis[key], self.kind[key] = orthogonal_complement(self.basis[key]), "retain"
+            B, kind = dualgpm_retain_update(self.basis[key].to(C.dtype), C, thr), "retain"
+        if self.dual and kind == "remove" and B.shape[1] > d / 2:
+            B, kind = orthogonal_complement(B), "retain"
+        self.basis[key], self.kind[key] = B.to(self.dtype).contiguous(), kind
 
     def dims(self) -> dict[str, tuple[int, str]]:
         """Per layer: dimension of the old tasks' space, and the stored kind."""
@@ -175,10 +195,11 @@ class DualGPM:
         return out
 
     def state_dict(self) -> dict:
-        return {"basis": self.basis, "kind": self.kind}
+        return {"basis": dict(self.basis), "kind": dict(self.kind)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.basis, self.kind = dict(state["basis"]), dict(state["kind"])
+        self.basis = {k: v.to(self.dtype) for k, v in state["basis"].items()}
+        self.kind = dict(state["kind"])
 
 
 def randomized_svd(A: torch.Tensor, rank: int, q: int | None = None, niter: int = 4):

@@ -113,3 +113,15 @@ def test_branch_delta_weight():
     br = Branch(torch.randn(2, 5), torch.randn(4, 2), scale=0.25)
     x = torch.randn(7, 5)
     torch.testing.assert_close(br(x), x @ br.delta_weight().t())
+
+
+def test_linear_head_rebuild_twice():
+    """Rebuilding a head that already knows classes (loading a second checkpoint into the same model)."""
+    from loracl.models.heads import LinearHead
+
+    h = LinearHead(8)
+    h.add_classes([0, 1])
+    h.rebuild({"chunk_ids": [[0, 1]]})
+    h.rebuild({"chunk_ids": [[0, 1], [2, 3]]})
+    assert h.chunk_ids == [[0, 1], [2, 3]] and len(h.chunks) == 2
+    assert h(torch.randn(3, 8), torch.tensor([3, 0])).shape == (3, 2)
