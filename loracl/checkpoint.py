@@ -15,7 +15,8 @@ import torch
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    b = t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    # reshape(-1): a 0-dim tensor (CLIP's logit_scale) cannot be viewed as bytes directly
+    b = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return hashlib.blake2b(b, digest_size=16).hexdigest()
 
 
