@@ -415,6 +415,11 @@ class Runner:
         seed_all(derive_seed(self.cfg.seed, "setup"))
         self.method.setup()
         start, step_state = self._restore() if self.resume else (0, None)
+        if self.model.head.zero_shot and not self.method.joint:
+            # a zero-shot head scores every dataset from its class names before it is trained on: the upper
+            # triangle of the accuracy matrix (MTIL Transfer) and the zero-shot row need all prompts now
+            for t in self.scenario.tasks:
+                self.method.add_task_classes(t)
         if start == 0:
             if not self.method.joint:
                 self.results["acc_before"] = self.evaluate_before()
