@@ -53,10 +53,12 @@ def build_transforms(cfg: DataConfig, dc: dict) -> tuple[Pipeline, Pipeline]:
     """(train, test) pipelines. `dc`: size, mean, std, interpolation, crop_pct of the backbone."""
     size, interp = dc["size"], _interp(dc["interpolation"])
     crop_pct = dc.get("crop_pct", 1.0)
-    if cfg.resize == "resize" or (cfg.resize == "backbone" and crop_pct >= 1.0):
+    if cfg.resize == "resize":
         resize = [T.Resize((size, size), interpolation=interp)]
     else:
-        pct = crop_pct if cfg.resize == "backbone" else 0.875
+        # timm's and CLIP's eval transform: shorter side to size / crop_pct, then a centre crop. With crop_pct 1
+        # (CLIP) this is Resize(224) + CenterCrop(224), which keeps the aspect ratio of non-square images.
+        pct = min(crop_pct, 1.0) if cfg.resize == "backbone" else 0.875
         resize = [T.Resize(int(math.floor(size / pct)), interpolation=interp), T.CenterCrop(size)]
     norm = (dc["mean"], dc["std"]) if cfg.normalize else (None, None)
     test = Pipeline(resize, *norm)
