@@ -438,3 +438,7 @@ def _domainnet(spec: DatasetSpec) -> DatasetSplits:
                     by_label.setdefault(y, Path(x).parent.name)
                 classes = [by_label[k] for k in sorted(by_label)]
     return DatasetSplits("domainnet", classes, ImageSet.concat(sets["train"]), ImageSet.concat(sets["test"]))
+
+
+# the MTIL datasets register themselves (and add CLIP prompts to cifar100 / mnist)
+from . import mtil  # noqa: E402,F401
