@@ -42,6 +42,16 @@ def principal_basis(A: torch.Tensor, threshold: float, side: str = "left", inclu
     return B.to(A.dtype).contiguous()
 
 
+def psd_sqrt(K: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a PSD matrix (negative round-off eigenvalues clipped to 0).
+
+    For K = X X^T / N (token second moments), psd_sqrt(K) has the left singular vectors of the token matrix
+    X and squared singular values proportional to X's: handing it to the GPM rules measures energy on the
+    representation matrix itself (GPM, KeepLoRA) instead of on the squared eigenvalues of K (InfLoRA)."""
+    L, Q = torch.linalg.eigh(K.double())
+    return ((Q * L.clamp(min=0).sqrt()) @ Q.t()).to(K.dtype)
+
+
 def project_out(X: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
     """(I - M M^T) X: the part of X's columns orthogonal to span(M)."""
     if M is None or M.shape[1] == 0:
