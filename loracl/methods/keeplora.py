@@ -311,6 +311,12 @@ class KeepLoRA(Method):
             M = self.bases[s.name]
             new = gpm_first(R, self.cfg.eps_f) if M is None else gpm_extend(M.double(), R, self.cfg.eps_f)
             self.bases[s.name] = new.float().contiguous()
+        for enc in ("image", "text"):
+            dims = [self.bases[s.name].shape[1] for s in sites if s.encoder == enc]
+            if dims:
+                d = next(s.d_in for s in sites if s.encoder == enc)
+                self.run.log(f"  keeplora: protected input directions ({enc}): {min(dims)}-{max(dims)} of {d} "
+                             f"(mean {sum(dims) / len(dims):.1f})")
 
     def protected_dims(self) -> dict[str, int]:
         return {k: (0 if v is None else int(v.shape[1])) for k, v in self.bases.items()}
