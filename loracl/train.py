@@ -220,7 +220,7 @@ class Runner:
         used = sum(x.data.numel() for x in self._decoded_sets.values() if x is not None)
         dec = None
         if d.cache_dir or used + nbytes <= d.host_cache_mb * 2 ** 20:
-            dec = DecodedImages(images, store, dc["interpolation"], pct >= 1.0, device=self.device,
+            dec = DecodedImages(images, store, dc["interpolation"], d.resize == "resize", device=self.device,
                                 device_budget=d.device_cache_mb * 2 ** 20, cache_dir=d.cache_dir,
                                 workers=d.num_workers)
         else:
@@ -497,6 +497,11 @@ class Runner:
         seed_all(derive_seed(self.cfg.seed, "setup"))
         self.method.setup()
         start, step_state = self._restore() if self.resume else (0, None)
+        if self.model.head.zero_shot and not self.method.joint:
+            # a zero-shot head scores every dataset from its class names before it is trained on: the upper
+            # triangle of the accuracy matrix (MTIL Transfer) and the zero-shot row need all prompts now
+            for t in self.scenario.tasks:
+                self.method.add_task_classes(t)
         if start == 0:
             if not self.method.joint:
                 self.results["acc_before"] = self.evaluate_before()

@@ -201,11 +201,13 @@ def stratified_split(targets: np.ndarray, test_fraction: float, seed: int) -> tu
 
 
 def random_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """torch.utils.data.random_split with a seeded generator, as MTIL's Caltech101/EuroSAT/SUN397 splits use."""
+    """torch.utils.data.random_split(range(n), [n_train, n - n_train], generator=manual_seed(seed)) as row
+    indices (train, test), the way MTIL's Caltech101/EuroSAT/SUN397 splits are made: n_train is
+    int((1 - test_fraction) * n), truncated like the official int(0.8 * len(dataset)) (Caltech101: 6941, not 6942)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    n_train = int(round(n * (1 - test_fraction)))
+    n_train = int((1.0 - test_fraction) * n)
     perm = torch.randperm(n, generator=g).numpy()
     return perm[:n_train], perm[n_train:]
 
@@ -436,3 +438,7 @@ def _domainnet(spec: DatasetSpec) -> DatasetSplits:
                     by_label.setdefault(y, Path(x).parent.name)
                 classes = [by_label[k] for k in sorted(by_label)]
     return DatasetSplits("domainnet", classes, ImageSet.concat(sets["train"]), ImageSet.concat(sets["test"]))
+
+
+# the MTIL datasets register themselves (and add CLIP prompts to cifar100 / mnist)
+from . import mtil  # noqa: E402,F401

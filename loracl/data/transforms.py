@@ -50,7 +50,8 @@ class Pipeline:
 
 
 def crop_fraction(cfg: DataConfig, dc: dict) -> float:
-    """Fraction of the (shorter-side) resized image the test transform keeps; 1.0 = plain resize."""
+    """Fraction of the shorter-side resized image the test transform's centre crop keeps (1.0: the whole
+    shorter side; with `resize: resize` the image is squashed to a square instead)."""
     if cfg.resize == "resize":
         return 1.0
     if cfg.resize == "resize_crop":
@@ -61,10 +62,12 @@ def crop_fraction(cfg: DataConfig, dc: dict) -> float:
 def build_transforms(cfg: DataConfig, dc: dict) -> tuple[Pipeline, Pipeline]:
     """(train, test) pipelines. `dc`: size, mean, std, interpolation, crop_pct of the backbone."""
     size, interp = dc["size"], _interp(dc["interpolation"])
-    pct = crop_fraction(cfg, dc)
-    if pct >= 1.0:
+    if cfg.resize == "resize":
         resize = [T.Resize((size, size), interpolation=interp)]
     else:
+        # timm's and CLIP's eval transform: shorter side to size / crop_pct, then a centre crop. With crop_pct 1
+        # (CLIP) this is Resize(224) + CenterCrop(224), which keeps the aspect ratio of non-square images.
+        pct = crop_fraction(cfg, dc)
         resize = [T.Resize(int(math.floor(size / pct)), interpolation=interp), T.CenterCrop(size)]
     norm = (dc["mean"], dc["std"]) if cfg.normalize else (None, None)
     test = Pipeline(resize, *norm)

@@ -14,6 +14,10 @@ import torch.nn.functional as F
 
 
 class Head(nn.Module):
+    # True: the head scores classes from their names alone (CLIP text), so it can be evaluated on a task
+    # before training on it; the runner then registers every task's classes before the first task
+    zero_shot: bool = False
+
     def add_classes(self, ids: list[int], names: list[str], templates: list[str] | None = None) -> None:
         raise NotImplementedError
 
@@ -113,6 +117,8 @@ class TextHead(Head):
     While the text encoder has trainable parameters and grad is on, embeddings are computed in the
     forward so that gradients reach it.
     """
+
+    zero_shot = True
 
     def __init__(self, backbone, templates: str = "first"):
         super().__init__()

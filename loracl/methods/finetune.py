@@ -1,0 +1,47 @@
+"""Reference points without LoRA, for MTIL (ZSCL's and KeepLoRA's tables).
+
+- `zeroshot`: the pretrained CLIP as it is, evaluated after every task: its rows are all the same.
+- `seq-ft`: continual full fine-tuning of every backbone weight (both CLIP encoders), task after task.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import ConfigError
+from . import register
+from .base import Method
+
+
+@register
+class ZeroShot(Method):
+    """Zero-shot CLIP: no training (the pretrained model on every task)."""
+
+    name = "zeroshot"
+
+    def setup(self):
+        if not self.model.head.zero_shot:
+            raise ConfigError("method 'zeroshot' needs a head that scores classes from their names "
+                              "(head.kind: text, with an open_clip backbone)")
+
+    def begin_task(self, task):
+        self.add_task_classes(task)
+        self.model.set_trainable("none")
+
+    def param_groups(self, task):
+        return {}
+
+
+@register
+class SeqFT(Method):
+    """Continual full fine-tuning: every backbone weight (both CLIP encoders) trained on each task in turn."""
+
+    name = "seq-ft"
+
+    def begin_task(self, task):
+        self.add_task_classes(task)
+        self.model.set_trainable("full+head")
+        # CLIP's temperature stays the pretrained constant (it is not a weight of either encoder)
+        scale = getattr(self.model.backbone, "logit_scale", None)
+        if isinstance(scale, torch.nn.Parameter):
+            scale.requires_grad_(False)
