@@ -58,3 +58,15 @@ def test_meter_scales_later_steps_by_batch_size():
     for b in (4, 4, 2):
         meter.step("p", b, lambda: lin(torch.randn(b, 8)))
     assert meter.by_phase["p"] == pytest.approx(2 * 8 * 8 * 10)
+
+
+def test_meter_counts_each_batch_size_once_so_fixed_extra_work_is_exact():
+    """A step with a fixed-size extra pass (A-GEM's reference gradient) is not proportional to its batch."""
+    lin = torch.nn.Linear(8, 8)
+    meter = FlopMeter()
+    per = 2 * 8 * 8
+    for b in (4, 4, 2, 4, 2):
+        meter.step("p", b, lambda: (lin(torch.randn(b, 8)), lin(torch.randn(3, 8))))
+    assert meter.by_phase["p"] == per * (16 + 5 * 3)
+    meter.new_phase("p")
+    assert meter.per_sample == {}
