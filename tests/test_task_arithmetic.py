@@ -131,14 +131,15 @@ def test_method_forms_the_combination_from_stored_factors(tmp_path):
 
 
 @needs_data
-@pytest.mark.parametrize("variant,resume", [
-    (["method.memory_train=full"], True),
-    (["method.memory_train=lora", "method.kl_weight=0.4", "method.lam=[0.25, 1/N]"], False),
+@pytest.mark.parametrize("variant", [
+    ["method.memory_train=full"],
+    ["method.memory_train=lora", "method.kl_weight=0.4", "method.lam=[0.25, 1/N]"],
 ])
-def test_ta_lora_run_fills_the_matrix_counts_memory_flops_and_resumes(tmp_path, variant, resume):
+def test_ta_lora_run_fills_the_matrix_counts_memory_flops_and_resumes(tmp_path, variant):
     from loracl.train import Runner
 
-    sets = tiny_sets(train=12, test=5) + ["method.memory_per_class=3", "train.max_steps_per_epoch=null"] + variant
+    sets = tiny_sets(train=12, test=5) + ["method.memory_per_class=3", "method.memory_epochs=1",
+                                          "train.max_steps_per_epoch=null"] + variant
     cfg = load_config(preset="cifar10-mini-5", sets=sets)
     out = tmp_path / "run"
     res = Runner(cfg, out, progress=False, log=lambda *a, **k: None).run()
@@ -164,14 +165,23 @@ def test_ta_lora_run_fills_the_matrix_counts_memory_flops_and_resumes(tmp_path, 
     import numpy as np
     counts = np.unique(run_targets(cfg, state["memory"]["rows"]), return_counts=True)[1]
     assert list(counts) == [3, 3, 3, 3]
-
-    if not resume:
+    if variant != ["method.memory_train=full"]:
         return
+
     # resume after task 0: the same numbers as the uninterrupted run
     (out / "checkpoints" / "task_01.pt").unlink()
     res2 = Runner(cfg, out, resume=True, progress=False, log=lambda *a, **k: None).run()
     assert res2["acc_matrix"] == a
     assert res2["cost"]["train_flops_per_task"] == res["cost"]["train_flops_per_task"]
+
+    # fine-tuning after every task only fills the accuracy matrix: the final model and the last fine-tuning's
+    # FLOPs are those of the paper's protocol (one fine-tuning after the last task)
+    cfg = load_config(preset="cifar10-mini-5", sets=sets + ["method.memory_every_task=false"])
+    once = Runner(cfg, tmp_path / "once", progress=False, log=lambda *a, **k: None).run()
+    assert once["acc_matrix"][1] == a[1]
+    f_once = once["cost"]["flops_by_phase_per_task"]
+    assert "memory" not in f_once[0] and f_once[1]["memory"] == phases[1]["memory"]
+    assert once["acc_matrix"][0] == once["method_extras"]["acc_matrix_before_memory"][0]
 
 
 def run_targets(cfg, rows):
@@ -196,3 +206,4 @@ def test_presets_of_the_paper_load():
     assert load_config(preset="ta-lora-cifar10", method="er").method["memory_size"] == 200
     assert load_config(preset="ta-lora-cifar10", method="agem").method["patterns_per_task"] == 100
     assert load_config(preset="ta-lora-flowers").train.epochs == 30
+

@@ -17,7 +17,9 @@ Where the paper is silent (each a config key; the choice and its reason are repe
 - memory fine-tuning (`memory_train`): `full` by default (every backbone weight and the head), because the
   paper fine-tunes theta, the combined weights themselves; `lora` (a fresh branch) and `head` are the cheaper
   alternatives. Epochs: the task's epochs (`memory_epochs`), task optimiser, CE over all seen classes. Each
-  task's fine-tuning starts from the new combination; the previous fine-tuned model is discarded.
+  task's fine-tuning starts from the new combination; the previous fine-tuned model is discarded, so the final
+  model is the one the paper's protocol (one fine-tuning after the last task, `memory_every_task: false`)
+  gives, and the earlier fine-tunings only fill the accuracy matrix.
 - KL: KL(P_pre || P_lora), P = softmax over the feature dimension of the pre-logits features: the frozen
   pretrained model is the target, as in distillation. Reduction `batchmean`, the KL of each sample averaged
   over the batch (PyTorch's `mean` would also divide by the feature dimension, 768 for ViT-B, and make the
@@ -58,6 +60,8 @@ class TALoRAConfig(LoRAOptions):
     memory_epochs: int | None = Field(None, ge=0, description="epochs over the memory (None: the task's epochs)")
     memory_lr: float | None = Field(None, gt=0, description="learning rate of memory fine-tuning (None: train.optimizer.lr)")
     memory_batch_size: int | None = Field(None, ge=1, description="None: data.batch_size")
+    memory_every_task: bool = Field(True, description="fine-tune on the memory after every task (a full accuracy "
+                                                      "matrix); false: after the last task only, as the paper")
     kl_weight: float = Field(0.0, ge=0, le=1, description="w in (1 - w) CE + w KL; the paper's CE + KL is 0.4")
     kl_target: Literal["pretrained", "lora"] = Field("pretrained", description="P in KL(P || Q)")
     kl_reduction: Literal["batchmean", "mean"] = "batchmean"
@@ -148,7 +152,8 @@ class TaskArithmeticLoRA(Method):
         if self.cfg.eval_before_memory:
             self.record("acc_matrix_before_memory", task.index, self.run.evaluate_row(task.index))
         self.record("lambda", task.index, lam)
-        self.memory_finetune(task)
+        if self.cfg.memory_every_task or task.index == len(self.run.scenario) - 1:
+            self.memory_finetune(task)
 
     @torch.no_grad()
     def form_combined_model(self, lam: float) -> None:
