@@ -178,7 +178,7 @@ def test_agem_and_joint_full_runs(tmp_path):
 
     cfg = load_config(preset="cifar10-mini-5", method="agem",
                       sets=tiny_sets(train=12, test=5) + ["method.patterns_per_task=6", "method.sample_size=4",
-                                                          "train.max_steps_per_epoch=null"])
+                                                          "train.max_steps_per_epoch=null", "train.checkpoint_every=1"])
     res = Runner(cfg, tmp_path / "agem", progress=False, log=_quiet()).run()
     f = res["cost"]["flops_by_phase_per_task"]
     # 24 images per task in steps of 16 and 8; task 1 adds a reference gradient on 4 memory samples to each
@@ -187,6 +187,17 @@ def test_agem_and_joint_full_runs(tmp_path):
     state = torch.load(tmp_path / "agem" / "checkpoints" / "task_01.pt", weights_only=False)["method"]["memory"]
     assert len(state["rows"]) == 12
     assert res["acc_matrix"][1][0] is not None
+    # stopped after the first step of task 1 and resumed: the projection acts on the rebuilt parameters
+    import shutil
+    cut = tmp_path / "agem-cut"
+    shutil.copytree(tmp_path / "agem", cut)
+    (cut / "checkpoints" / "task_01.pt").unlink()
+    _stop_after_steps(Runner(cfg, cut, resume=True, progress=False, log=_quiet()), task=1, steps=1)
+    res2 = Runner(cfg, cut, resume=True, progress=False, log=_quiet()).run()
+    assert res2["acc_matrix"] == res["acc_matrix"]
+    a = torch.load(tmp_path / "agem" / "checkpoints" / "task_01.pt", weights_only=False)["model"]
+    b = torch.load(cut / "checkpoints" / "task_01.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     cfg = load_config(preset="cifar10-mini-5", method="joint-full", sets=tiny_sets(train=12, test=5))
     res = Runner(cfg, tmp_path / "joint-full", progress=False, log=_quiet()).run()

@@ -43,11 +43,12 @@ class AGEM(RehearsalMethod):
 
     def begin_task(self, task):
         super().begin_task(task)
-        self.params = [p for ps in self.param_groups(task).values() for p in ps if p.requires_grad]
         self.g_ref = None
 
     def loss(self, batch, task):
-        # the reference gradient is taken here, inside the counted training step, so its FLOPs are counted
+        # the reference gradient is taken here, inside the counted training step, so its FLOPs are counted;
+        # the parameters are looked up every step (a mid-task resume rebuilds the branches and head chunks)
+        self.params = [p for ps in self.param_groups(task).values() for p in ps if p.requires_grad]
         self.g_ref = None
         if len(self.memory):
             ref = self.memory_batch(self.memory.sample(self.cfg.sample_size))
