@@ -1,9 +1,11 @@
 """Training FLOPs counted on real steps with PyTorch's FLOP counter (forward + backward).
 
-The first step of every training phase or data pass runs under `FlopCounterMode`; later steps of the
-same phase add that count scaled by their batch size, so the meter costs one instrumented step per
-phase. Matrix multiplications, convolutions and attention are counted; element-wise work is not,
-which is the usual convention for training FLOPs.
+The first step of every training phase or data pass runs under `FlopCounterMode`, and so does the first
+step of every other batch size in it (an epoch's short last batch); later steps reuse the count of their
+(phase, batch size), so the meter costs one or two instrumented steps per phase and stays exact for steps
+whose cost is not proportional to the batch (A-GEM's reference gradient on a fixed memory sample).
+Matrix multiplications, convolutions and attention are counted; element-wise work is not, which is the
+usual convention for training FLOPs.
 """
 
 from __future__ import annotations
@@ -22,18 +24,20 @@ class FlopMeter:
 
     def step(self, phase: str, batch_size: int, fn):
         """Run `fn()` (one step of `phase` on `batch_size` samples), counting its FLOPs; returns fn's result."""
-        if phase not in self.per_sample:
+        key = f"{phase}|{batch_size}"
+        if key not in self.per_sample:
             with FlopCounterMode(display=False) as fc:
                 out = fn()
-            self.per_sample[phase] = fc.get_total_flops() / max(batch_size, 1)
+            self.per_sample[key] = fc.get_total_flops() / max(batch_size, 1)
         else:
             out = fn()
-        self.by_phase[phase] += self.per_sample[phase] * batch_size * dist.world_size()
+        self.by_phase[phase] += self.per_sample[key] * batch_size * dist.world_size()
         return out
 
     def new_phase(self, phase: str) -> None:
-        """Forget the per-sample count of `phase` (the model changed shape, e.g. a branch was added)."""
-        self.per_sample.pop(phase, None)
+        """Forget the counts of `phase` (the model changed shape, e.g. a branch was added)."""
+        for key in [k for k in self.per_sample if k.rsplit("|", 1)[0] == phase]:
+            del self.per_sample[key]
 
     @property
     def total(self) -> float:

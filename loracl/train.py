@@ -543,6 +543,8 @@ class Runner:
             self.method.begin_task(task)
         if resume_state is not None:
             self._load_model_state(resume_state)
+            if "method" in resume_state:  # state a method changes during training (a reservoir memory)
+                self.method.load_state_dict(resume_state["method"])
             self.flops.load_state_dict(resume_state["flops"])
             self.phase_seconds.update(resume_state["phase_seconds"])
         epochs = cfg.epochs_for(t)
@@ -653,7 +655,7 @@ class Runner:
         elapsed = sum(v for k, v in self.phase_seconds.items())
         state = {"task": task.index, "epoch": epoch, "batch": batch, "step": step, **self._model_state(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": torch.get_rng_state(), "flops": self.flops.state_dict(),
+                 "rng": torch.get_rng_state(), "flops": self.flops.state_dict(), "method": self.method.state_dict(),
                  "phase_seconds": dict(self.phase_seconds), "elapsed": elapsed}
         atomic_save(state, self._ckpt_dir() / "step.pt")
 

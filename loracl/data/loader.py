@@ -92,5 +92,9 @@ def make_loader(images: ImageSet, transform, batch_size: int, *, seed: int = 0, 
                 start: int = 0, num_workers: int = 0, augment: bool = True, pin_memory: bool = False,
                 drop_last: bool = False, equal_steps: bool = False) -> DataLoader:
     sampler = EpochBatches(len(images), batch_size, seed, shuffle, start, drop_last, augment, equal_steps)
+    # an own generator: without one, every new iterator draws its base seed from the global RNG, so a run
+    # resumed mid-epoch (global RNG restored, then a new iterator) would draw dropout / replay samples
+    # from a shifted stream
     return DataLoader(TransformedSet(images, transform), batch_sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=False)
+                      pin_memory=pin_memory, persistent_workers=False,
+                      generator=torch.Generator().manual_seed(seed & 0x7FFF_FFFF))

@@ -1,7 +1,8 @@
 """Reference points every continual-learning table needs.
 
 - `seq-lora`: one LoRA trained on each task in turn and merged into the weights after it: the lower bound.
-- `joint`: one LoRA trained on the union of all tasks at once (not continual): the upper bound.
+- `joint`: one LoRA trained on the union of all tasks at once (not continual): the upper bound;
+  `joint-full` the same with full fine-tuning of the backbone.
 - `linear-probe`: the frozen pretrained backbone with an incremental head.
 """
 
@@ -69,3 +70,15 @@ class LinearProbe(Method):
     def begin_task(self, task):
         self.add_task_classes(task)
         self.model.set_trainable("head")
+
+
+@register
+class JointFull(Method):
+    """Every backbone weight and the head trained on all tasks at once (offline upper bound, full fine-tuning)."""
+
+    name = "joint-full"
+    joint = True
+
+    def begin_task(self, task):
+        self.add_task_classes(task)
+        self.model.set_trainable("full+head")

@@ -104,7 +104,7 @@ class LinearHead(Head):
     def rebuild(self, structure):
         self.chunks = nn.ModuleList()
         self.chunk_ids = []
-        self._reindex()
+        self._reindex()  # forget the old columns, or classes already added (mid-task resume) look known
         for ids in structure["chunk_ids"]:
             self.add_classes(ids)
 

@@ -1,0 +1,63 @@
+"""What experience replay and A-GEM share: an episodic memory, one growing head over all seen classes, and
+training by full fine-tuning (as the task-arithmetic paper runs these baselines) or by a LoRA branch per task
+merged at the task's end (the LoRA counterpart, comparable with LoRA methods).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from ..memory import EpisodicMemory
+from .base import Batch, LoRAOptions, Method
+from .baselines import kaiming_down
+
+
+class RehearsalOptions(LoRAOptions):
+    finetune: Literal["full", "lora"] = Field("full", description="full: every backbone weight; lora: a branch per task")
+    rank: int = Field(16, ge=1)
+    alpha: float | None = 16.0
+
+
+class RehearsalMethod(Method):
+    Config = RehearsalOptions
+
+    def setup(self):
+        if self.cfg.finetune == "lora":
+            c = self.cfg
+            self.model.inject_lora(c.targets, c.blocks, c.encoders)
+        self.memory = EpisodicMemory(self.run.scenario.tasks)
+
+    def begin_task(self, task):
+        self.add_task_classes(task)
+        # replayed samples belong to earlier tasks, so the loss is over every class seen (train.loss_scope
+        # does not apply): the single growing head of these baselines
+        self.seen = self.run.class_tensor(self.run.scenario.seen_classes(task.index))
+        if self.cfg.finetune == "lora":
+            c = self.cfg
+            for s in self.model.adapter.sites:
+                s.add_branch(kaiming_down(c.rank, s.d_in), torch.zeros(s.d_out, c.rank), c.scale)
+            self.model.set_trainable("lora+head")
+        else:
+            self.model.set_trainable("full+head")
+
+    def end_task(self, task):
+        if self.cfg.finetune == "lora":
+            self.model.adapter.merge_all()
+
+    def memory_batch(self, rows: np.ndarray) -> Batch:
+        """The memory rows as a training batch (training transforms, each sample its own augmentation seed)."""
+        x, y = self.memory.load(rows, self.run.train_tf)
+        return Batch(self.run.prepare(x, True), y.to(self.run.device), torch.as_tensor(rows))
+
+    def seen_loss(self, batch: Batch) -> torch.Tensor:
+        return self.cross_entropy(batch, self.seen)
+
+    def state_dict(self):
+        return {"memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state):
+        self.memory.load_state_dict(state["memory"])
