@@ -53,7 +53,7 @@ def _mean_std(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
         return None, None
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else None)  # no spread from one seed
 
 
 def summarize(runs: list[Path]) -> list[dict]:
@@ -89,7 +89,7 @@ def _cell(ms, nd=2):
     m, s = ms
     if m is None:
         return "–"
-    return f"{m:.{nd}f} ± {s:.{nd}f}"
+    return f"{m:.{nd}f}" if s is None else f"{m:.{nd}f} ± {s:.{nd}f}"
 
 
 def render(rows: list[dict], ref: str | None = None) -> str:
@@ -106,7 +106,7 @@ def render(rows: list[dict], ref: str | None = None) -> str:
             ratio = f"{f / bf:.2f}x" if f and bf else "–"
             cells = [bench, r["method"], ",".join(map(str, r["seeds"]))]
             cells += [_cell(r["metrics"][k]) for k, _ in used]
-            cells += [_cell(r["seconds_per_task"], 1), _cell((f / 1e12 if f else None, (r["total_flops"][1] or 0) / 1e12), 3),
+            cells += [_cell(r["seconds_per_task"], 1), _cell((f / 1e12 if f else None, r["total_flops"][1] / 1e12 if r["total_flops"][1] is not None else None), 3),
                       ratio]
             lines.append("| " + " | ".join(cells) + " |")
     note = f"FLOPs ratio: relative to {'`' + ref + '`' if ref else 'the first row of each benchmark'}; " \

@@ -55,3 +55,12 @@ def smoke_sets(**extra) -> list[str]:
     for k, v in base.items():
         out.append(f"{k}={'null' if v is None else v}")
     return out
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP spinning on a shared CPU (seconds instead of a minute)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

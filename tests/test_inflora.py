@@ -133,14 +133,6 @@ class Toy:
         return self.heads[t](self.features(X))
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny ops: a single thread avoids OpenMP spinning on a shared CPU (seconds instead of a minute)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.mark.parametrize("inflora", [True, False])
 def test_toy_disjoint_subspaces_earlier_task_is_untouched(inflora, one_thread):

@@ -12,17 +12,11 @@ from loracl.methods.keeplora import residual_factors
 from loracl.subspace import energy_rank, gpm_extend, gpm_first, principal_basis, project_onto, psd_sqrt
 from loracl.train import Runner
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLIP = ["backbone.kind=open_clip", "backbone.name=loracl-tiny-clip", "backbone.pretrained=false",
         "backbone.file=null", "backbone.kwargs={}", "backbone.cfg_overlay={}", "head.kind=text"]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The matrices here are tiny: one thread is faster than two, and far faster on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _orth(d, k, seed):
