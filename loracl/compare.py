@@ -13,6 +13,7 @@ from .errors import LoraclError
 COLUMNS = [
     ("final_acc", "final acc"),
     ("final_acc_task_avg", "final acc (task avg)"),
+    ("final_acc_task_aware", "task-aware final acc"),
     ("avg_inc_acc", "avg inc acc"),
     ("forgetting", "forgetting"),
     ("bwt", "BWT"),

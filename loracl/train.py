@@ -31,7 +31,7 @@ from .data.transforms import build_transforms, crop_fraction
 from .errors import ConfigError, LoraclError, TrainingDiverged
 from .flops import FlopMeter
 from .methods import Batch, get_method
-from .metrics import all_metrics
+from .metrics import all_metrics, final_acc_task_avg
 from .models.model import ContinualModel, build_model
 
 
@@ -424,22 +424,35 @@ class Runner:
     # evaluation
 
     @torch.no_grad()
-    def _top1(self, images: ImageSet, predict) -> float:
-        """Top-1 (%) of predict(x) -> predicted global ids, over `images` (summed over processes)."""
-        correct = torch.zeros((), dtype=torch.long, device=self.device)
+    def _top1(self, images: ImageSet, predict, k: int = 1) -> list[float]:
+        """Top-1 (%) of each of the k predictions predict(x) returns (tuples of predicted global ids) over
+        `images`, counts summed over processes."""
+        correct = torch.zeros(k, dtype=torch.long, device=self.device)
         total = torch.zeros((), dtype=torch.long, device=self.device)
         self.model.eval()
         with self.amp_context():
             for x, y in self.eval_batches(images):
-                correct += (predict(x) == y).sum()
+                correct += torch.stack([(p == y).sum() for p in predict(x)])
                 total += len(y)
         dist.all_reduce_sum_(correct)
         dist.all_reduce_sum_(total)
-        return round(100.0 * float(correct) / max(int(total), 1), 4)
+        return [round(100.0 * float(c) / max(int(total), 1), 4) for c in correct]
 
-    def accuracy(self, images: ImageSet, class_ids: list[int]) -> float:
+    def accuracy(self, images: ImageSet, class_ids: list[int], own: list[int] | None = None):
+        """Top-1 (%) over `class_ids`; with `own` (a task's classes, a subset of class_ids) also the
+        task-aware top-1 from the same logits restricted to those classes: (acc, task-aware acc)."""
         ids = self.class_tensor(class_ids)
-        return self._top1(self._eval_subset(images), lambda x: ids[self.method.logits(x, ids).argmax(-1)])
+        images = self._eval_subset(images)
+        if own is None:
+            return self._top1(images, lambda x: (ids[self.method.logits(x, ids).argmax(-1)],))[0]
+        own_ids = self.class_tensor(own)
+        cols = self.columns(own_ids, ids)
+
+        def predict(x):
+            logits = self.method.logits(x, ids)
+            return ids[logits.argmax(-1)], own_ids[logits[:, cols].argmax(-1)]
+
+        return tuple(self._top1(images, predict, k=2))
 
     def _eval_subset(self, images: ImageSet) -> ImageSet:
         cap = self.cfg.eval.max_per_task
@@ -448,15 +461,23 @@ class Runner:
             return images.subset(np.sort(rows))
         return images
 
-    def evaluate_row(self, j: int) -> list[float | None]:
-        row = []
+    def evaluate_row(self, j: int) -> tuple[list, list | None]:
+        """Accuracies on every task after training task j; in a class-incremental scenario also the
+        task-aware ones (the task's own classes only: what is left when the task identity is given)."""
+        row, aware = [], []
         for i, task in enumerate(self.scenario.tasks):
             ids = self.scenario.eval_classes(i, j)
             if ids is None or not self.model.head.knows(ids):
                 row.append(None)
+                aware.append(None)
+            elif self.scenario.kind == "class-incremental" and set(ids) != set(task.class_ids):
+                acc, own = self.accuracy(task.test, ids, own=task.class_ids)
+                row.append(acc)
+                aware.append(own)
             else:
                 row.append(self.accuracy(task.test, ids))
-        return row
+                aware.append(row[-1])
+        return row, (aware if self.scenario.kind == "class-incremental" else None)
 
     def evaluate_before(self) -> list[float | None] | None:
         """Accuracy of the untrained model on each task where its head can already score it (CLIP zero-shot)."""
@@ -477,7 +498,7 @@ class Runner:
             self._retention = _retention_set(self.cfg.eval.retention, self.cfg.eval.retention_classes,
                                              self.cfg.eval.retention_per_class)
         head = self.model.backbone.pretrained_head
-        return self._top1(self._retention, lambda x: head(self.model.features(x)).argmax(-1))
+        return self._top1(self._retention, lambda x: (head(self.model.features(x)).argmax(-1),))[0]
 
     # ------------------------------------------------------------------------------------------------
     # the loop
@@ -553,8 +574,10 @@ class Runner:
             self.method.end_task(task)
         seconds = time.perf_counter() - t0 + (resume_state or {}).get("elapsed", 0.0)
         e0 = time.perf_counter()
-        row = self.evaluate_row(t)
+        row, aware = self.evaluate_row(t)
         self.results["acc_matrix"][t] = row
+        if aware is not None:
+            self.results.setdefault("acc_matrix_task_aware", [[None] * T for _ in range(T)])[t] = aware
         if self.results["retention"] is not None and (cfg.eval.retention_every_task or t == T - 1):
             self.results["retention"]["per_task"][t] = self.retention_accuracy()
         c = self.results["cost"]
@@ -593,6 +616,10 @@ class Runner:
         sub = [row[:T] for row in a[:T]]
         before = self.results["acc_before"][:T] if self.results["acc_before"] else None
         m = all_metrics(sub, n[:T], self.scenario.kind, before)
+        aware = self.results.get("acc_matrix_task_aware")
+        if aware is not None and aware[T - 1][0] is not None:
+            # task-incremental accuracy (task identity given at test time), beside the class-incremental one
+            m["final_acc_task_aware"] = round(final_acc_task_avg([row[:T] for row in aware[:T]]), 4)
         if self.results["retention"] is not None:
             per = [v for v in self.results["retention"]["per_task"] if v is not None]
             m["pretrained_retention"] = per[-1] if per else None

@@ -34,6 +34,10 @@ def test_run_writes_results_checkpoints_and_report(tmp_path):
     a = r["acc_matrix"]
     assert len(a) == 2 and a[0][1] is None and all(isinstance(v, float) for v in (a[0][0], a[1][0], a[1][1]))
     assert {"final_acc", "final_acc_task_avg", "avg_inc_acc", "forgetting", "bwt", "fwt"} <= set(r["metrics"])
+    # task-aware accuracy: the same logits restricted to the task's own classes can only be right more often
+    aw = r["acc_matrix_task_aware"]
+    assert aw[0][0] == a[0][0] and aw[1][0] >= a[1][0] and aw[1][1] >= a[1][1] and aw[1][0] + aw[1][1] > a[1][0] + a[1][1]
+    assert r["metrics"]["final_acc_task_aware"] == pytest.approx((aw[1][0] + aw[1][1]) / 2, abs=1e-3)
     c = r["cost"]
     assert all(x > 0 for x in c["train_flops_per_task"]) and all(x > 0 for x in c["train_seconds_per_task"])
     assert c["trainable_params_per_task"][0] > 0 and c["peak_memory_bytes"] > 0

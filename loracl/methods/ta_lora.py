@@ -150,7 +150,7 @@ class TaskArithmeticLoRA(Method):
         self.lambdas.append(lam)
         self.form_combined_model(lam)
         if self.cfg.eval_before_memory:
-            self.record("acc_matrix_before_memory", task.index, self.run.evaluate_row(task.index))
+            self.record("acc_matrix_before_memory", task.index, self.run.evaluate_row(task.index)[0])
         self.record("lambda", task.index, lam)
         if self.cfg.memory_every_task or task.index == len(self.run.scenario) - 1:
             self.memory_finetune(task)
