@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .errors import LoraclError
 from .methods import Batch
 
 
@@ -84,45 +85,64 @@ def _time_steps(run, task, batch, params, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def step_cost(run, task, tasks: list[int], steps: int = 10, warmup: int = 2, rank: int | None = None) -> dict:
-    """Seconds per step at each task count in `tasks`, for the three ways of holding earlier branches."""
-    model, adapter = run.model, run.model.adapter
+def _trainable(run, task, ups) -> list:
+    """The live branch's up-projections and the task's head chunk, trainable; everything else frozen."""
+    head = list(run.method.param_groups(task)["head"])
+    run.model.set_trainable("lora")
+    for p in head:
+        p.requires_grad_(True)
+    return list(ups) + head
+
+
+@contextlib.contextmanager
+def holding(run, tasks: int, rank: int, way: str, seed: int = 0):
+    """`tasks` branches of rank `rank` on every adapted projection, the last one live and trainable (zero
+    up-projection, as a new InfLoRA branch), held one of three ways: "merged" (the earlier ones folded into W,
+    as loracl does), "branches" (kept, summed low-rank) or "official" (kept, summed dense in every forward).
+    The same `seed` gives the same branches whichever the way; W is restored on exit."""
+    adapter = run.model.adapter
     if adapter is None:
-        raise ValueError("step_cost needs a method that injects LoRA")
-    rank = rank or getattr(run.method.cfg, "rank", 8)
-    batch = Batch(*next(iter(run.batches(task.train, train=True, seed_parts=("bench",)))))
+        raise LoraclError(f"loracl bench: method '{run.cfg.method_name}' injects no LoRA; the step and "
+                          f"throughput sections time LoRA branches")
     saved = {id(s): s.weight().detach().clone() for s in adapter.sites}
     adapter.clear()
-    head = [p for p in run.method.param_groups(task)["head"]]
-    g = torch.Generator().manual_seed(0)
-    out = {"batch_size": len(batch.y), "rank": rank, "sites": len(adapter.sites), "tasks": tasks, "seconds": {}}
-    for mode in ("merged", "branches", "official"):
-        out["seconds"][mode] = []
-    model.train(run.cfg.train.model_mode == "train")
-    for t in tasks:
-        adapter.clear()
-        current = []
+    g = torch.Generator().manual_seed(seed)
+    ups = []
+    try:
         for s in adapter.sites:
-            for k in range(t):
+            for k in range(tasks):
                 down = torch.linalg.qr(torch.randn(s.d_in, rank, generator=g))[0].t() / 3 ** 0.5
-                up = torch.zeros(s.d_out, rank) if k == t - 1 else 0.01 * torch.randn(s.d_out, rank, generator=g)
-                br = s.add_branch(down, up, 1.0, train_down=False, train_up=k == t - 1)
-            current.append(br.up)
-        model.set_trainable("lora")
-        for p in head:
-            p.requires_grad_(True)
-        params = current + head
-        out["seconds"]["branches"].append(_time_steps(run, task, batch, params, steps, warmup))
-        with official_forward(adapter):
-            out["seconds"]["official"].append(_time_steps(run, task, batch, params, steps, warmup))
-        for s in adapter.sites:  # merge the t - 1 earlier branches; the current one stays live
-            for _ in range(t - 1):
-                s.merge(0)
-        out["seconds"]["merged"].append(_time_steps(run, task, batch, params, steps, warmup))
+                up = torch.zeros(s.d_out, rank) if k == tasks - 1 else 0.01 * torch.randn(s.d_out, rank, generator=g)
+                br = s.add_branch(down, up, 1.0, train_down=False, train_up=k == tasks - 1)
+            ups.append(br.up)
+            if way == "merged":
+                for _ in range(tasks - 1):
+                    s.merge(0)
+        with official_forward(adapter) if way == "official" else contextlib.nullcontext():
+            yield ups
+    finally:
         adapter.clear()
         with torch.no_grad():
             for s in adapter.sites:
                 s.weight().copy_(saved[id(s)])
+
+
+WAYS = {"merged": "merged into W (loracl)", "branches": "kept, summed low-rank",
+        "official": "kept, summed dense (official code)"}
+
+
+def step_cost(run, task, tasks: list[int], steps: int = 10, warmup: int = 2, rank: int | None = None) -> dict:
+    """Seconds per step at each task count in `tasks`, for the three ways of holding earlier branches."""
+    rank = rank or getattr(run.method.cfg, "rank", 8)
+    batch = Batch(*next(iter(run.batches(task.train, train=True, seed_parts=("bench",)))))
+    out = {"batch_size": len(batch.y), "rank": rank, "sites": len(run.model.adapter.sites), "tasks": tasks,
+           "seconds": {way: [] for way in WAYS}}
+    run.model.train(run.cfg.train.model_mode == "train")
+    for t in tasks:
+        for way in WAYS:
+            with holding(run, t, rank, way, seed=t) as ups:
+                params = _trainable(run, task, ups)
+                out["seconds"][way].append(_time_steps(run, task, batch, params, steps, warmup))
     return out
 
 
@@ -169,9 +189,7 @@ def render(res: dict) -> str:
         lines += ["", f"seconds per training step (batch {st['batch_size']}, rank {st['rank']}, {st['sites']} adapted "
                       f"projections), earlier tasks' branches held three ways:",
                   "  " + f"{'':34s}" + "".join(f"{'task ' + str(t):>12s}" for t in ts) + f"{'last/first':>12s}"]
-        names = {"merged": "merged into W (loracl)", "branches": "kept, summed low-rank",
-                 "official": "kept, summed dense (official code)"}
-        for mode, label in names.items():
+        for mode, label in WAYS.items():
             v = st["seconds"][mode]
             lines.append("  " + f"{label:34s}" + "".join(f"{x:12.4f}" for x in v) + f"{v[-1] / v[0]:12.2f}")
         m, o = st["seconds"]["merged"][-1], st["seconds"]["official"][-1]
