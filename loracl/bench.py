@@ -9,6 +9,13 @@ Sections (each returns a plain dict, `render` prints them; new sections plug int
 - `stats_share`: a real task of the method (its `begin_task` and `end_task`, which hold InfLoRA's statistics
   passes, SVDs and memory update, and one training epoch), and the share of a task those hooks take at the
   configured number of epochs.
+- `throughput`: training, evaluation and statistics-pass images/s at the last task count, loracl's path (what
+  the config selects: merged branches, the Runner's `fit`, its eval batches and data pipeline, amp) against a
+  naive reference written as the original code bases train (fp32, PIL DataLoader, every branch summed dense,
+  evaluation at the training batch size), both calling the method's own `loss`; their ratio; peak memory.
+
+`--json` writes the flat figures of `summary` and the machine. Without the preset's data the bench times
+random images (`loracl.data.synthetic`). See docs/performance.md.
 """
 
 from __future__ import annotations
@@ -196,16 +203,16 @@ def _reset_peak(device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def stats_pass(run, task) -> tuple[int, float] | None:
-    """The method's statistics passes of `begin_task` (phases named stats*): (images, seconds), or None."""
+def stats_pass(run, task) -> tuple[float | None, int]:
+    """The method's statistics passes of `begin_task` (phases named stats*): (seconds or None, images)."""
     run.phase_seconds.clear()
     run.flops.reset()
     run.current_task = task
     run.method.begin_task(task)
     keys = [k for k in run.phase_seconds if k.startswith("stats")]
     if not keys:
-        return None
-    return int(sum(run.flops.by_phase[k] for k in keys)), sum(run.phase_seconds[k] for k in keys)
+        return None, 0
+    return sum(run.phase_seconds[k] for k in keys), int(sum(run.flops.by_phase[k] for k in keys))
 
 
 # ---- the naive reference: fp32, PIL DataLoader, every branch summed dense, a host sync per step ----------
@@ -267,7 +274,7 @@ def reference_settings(run):
 
 def _fast_side(run, task, train_images, test_images, stats_task, tasks, rank) -> tuple:
     """loracl: earlier branches merged, one live branch; the Runner's own training loop, evaluation and the
-    method's statistics passes, as the config sets them up. Seconds of (train epoch, eval, stats passes)."""
+    method's statistics passes, as the config sets them up. (train epoch s, eval s, stats passes s, stats images)"""
     with holding(run, tasks, rank, "merged") as ups:
         params = _trainable(run, task, ups)
         groups = {"backbone": ups, "head": params[len(ups):]}
@@ -284,7 +291,7 @@ def _fast_side(run, task, train_images, test_images, stats_task, tasks, rank) ->
         run.accuracy(test_images, task.class_ids)
         eval_s = time.perf_counter() - t0
         stats = stats_pass(run, stats_task)
-    return train_s, eval_s, stats and stats[1]
+    return (train_s, eval_s, *stats)
 
 
 def _reference_side(run, task, train_images, test_images, stats_task, tasks, rank) -> tuple:
@@ -295,12 +302,7 @@ def _reference_side(run, task, train_images, test_images, stats_task, tasks, ran
         eval_s = reference_eval(run, test_images, run.class_tensor(task.class_ids))
         with reference_settings(run):
             stats = stats_pass(run, stats_task)
-    return train_s, eval_s, stats and stats[1]
-
-
-def stats_n(run, task) -> int:
-    """Images the last statistics passes went through."""
-    return int(sum(v for k, v in run.flops.by_phase.items() if k.startswith("stats")))
+    return (train_s, eval_s, *stats)
 
 
 def throughput(run, task, train_images, test_images, tasks: int, rank: int | None = None, repeats: int = 1) -> dict:
@@ -311,7 +313,8 @@ def throughput(run, task, train_images, test_images, tasks: int, rank: int | Non
     out = {"tasks": tasks, "rank": rank, "train_images": n_train, "eval_images": n_test,
            "batch_size": run.cfg.data.batch_size, "eval_batch_size": run.cfg.data.eval_batch_size,
            "pipeline": "tensor" if run._tensor_pipeline() else "pil",
-           "amp": run.cfg.train.amp if run.cfg.train.amp != "auto" else ("bf16" if run.device.type == "cuda" else "none"),
+           "amp": run.cfg.train.amp if run.cfg.train.amp != "auto" else
+           ("bf16" if run.device.type == "cuda" else "none"),
            "compile": run.cfg.train.compile}
     stats_task = dataclasses.replace(task, train=train_images)
 
@@ -323,11 +326,9 @@ def throughput(run, task, train_images, test_images, tasks: int, rank: int | Non
         _reset_peak(run.device)
         ref.append(_reference_side(run, task, train_images, test_images, stats_task, tasks, rank))
         out["reference_peak_memory_bytes"], _ = peak_memory(run.device)
-    best = [min(x) if x[0] is not None else None for x in zip(*fast)]
-    ref_best = [min(x) if x[0] is not None else None for x in zip(*ref)]
-    train_s, eval_s, stats_s = best
-    ref_train_s, ref_eval_s, ref_stats_s = ref_best
-    n_stats = stats_n(run, stats_task)
+    train_s, eval_s, stats_s = (min(x) if x[0] is not None else None for x in list(zip(*fast))[:3])
+    ref_train_s, ref_eval_s, ref_stats_s = (min(x) if x[0] is not None else None for x in list(zip(*ref))[:3])
+    n_stats = fast[0][3]
     out["train_images_per_s"] = n_train / train_s
     out["reference_train_images_per_s"] = n_train / ref_train_s
     out["speedup"] = out["train_images_per_s"] / out["reference_train_images_per_s"]
