@@ -9,11 +9,23 @@ Sections (each returns a plain dict, `render` prints them; new sections plug int
 - `stats_share`: a real task of the method (its `begin_task` and `end_task`, which hold InfLoRA's statistics
   passes, SVDs and memory update, and one training epoch), and the share of a task those hooks take at the
   configured number of epochs.
+- `throughput`: training, evaluation and statistics-pass images/s at the last task count, loracl's path (what
+  the config selects: merged branches, the Runner's `fit`, its eval batches and data pipeline, amp) against a
+  naive reference written as the original code bases train (fp32, PIL DataLoader, every branch summed dense,
+  evaluation at the training batch size), both calling the method's own `loss`; their ratio; peak memory.
+
+`--json` writes the flat figures of `summary` and the machine. Without the preset's data the bench times
+random images (`loracl.data.synthetic`). See docs/performance.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
+import os
+import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -23,6 +35,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .data.loader import make_loader
+from .errors import LoraclError
+from .flops import FlopMeter
 from .methods import Batch
 
 
@@ -84,45 +99,64 @@ def _time_steps(run, task, batch, params, steps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def step_cost(run, task, tasks: list[int], steps: int = 10, warmup: int = 2, rank: int | None = None) -> dict:
-    """Seconds per step at each task count in `tasks`, for the three ways of holding earlier branches."""
-    model, adapter = run.model, run.model.adapter
+def _trainable(run, task, ups) -> list:
+    """The live branch's up-projections and the task's head chunk, trainable; everything else frozen."""
+    head = list(run.method.param_groups(task)["head"])
+    run.model.set_trainable("lora")
+    for p in head:
+        p.requires_grad_(True)
+    return list(ups) + head
+
+
+@contextlib.contextmanager
+def holding(run, tasks: int, rank: int, way: str, seed: int = 0):
+    """`tasks` branches of rank `rank` on every adapted projection, the last one live and trainable (zero
+    up-projection, as a new InfLoRA branch), held one of three ways: "merged" (the earlier ones folded into W,
+    as loracl does), "branches" (kept, summed low-rank) or "official" (kept, summed dense in every forward).
+    The same `seed` gives the same branches whichever the way; W is restored on exit."""
+    adapter = run.model.adapter
     if adapter is None:
-        raise ValueError("step_cost needs a method that injects LoRA")
-    rank = rank or getattr(run.method.cfg, "rank", 8)
-    batch = Batch(*next(iter(run.batches(task.train, train=True, seed_parts=("bench",)))))
+        raise LoraclError(f"loracl bench: method '{run.cfg.method_name}' injects no LoRA; the step and "
+                          f"throughput sections time LoRA branches")
     saved = {id(s): s.weight().detach().clone() for s in adapter.sites}
     adapter.clear()
-    head = [p for p in run.method.param_groups(task)["head"]]
-    g = torch.Generator().manual_seed(0)
-    out = {"batch_size": len(batch.y), "rank": rank, "sites": len(adapter.sites), "tasks": tasks, "seconds": {}}
-    for mode in ("merged", "branches", "official"):
-        out["seconds"][mode] = []
-    model.train(run.cfg.train.model_mode == "train")
-    for t in tasks:
-        adapter.clear()
-        current = []
+    g = torch.Generator().manual_seed(seed)
+    ups = []
+    try:
         for s in adapter.sites:
-            for k in range(t):
+            for k in range(tasks):
                 down = torch.linalg.qr(torch.randn(s.d_in, rank, generator=g))[0].t() / 3 ** 0.5
-                up = torch.zeros(s.d_out, rank) if k == t - 1 else 0.01 * torch.randn(s.d_out, rank, generator=g)
-                br = s.add_branch(down, up, 1.0, train_down=False, train_up=k == t - 1)
-            current.append(br.up)
-        model.set_trainable("lora")
-        for p in head:
-            p.requires_grad_(True)
-        params = current + head
-        out["seconds"]["branches"].append(_time_steps(run, task, batch, params, steps, warmup))
-        with official_forward(adapter):
-            out["seconds"]["official"].append(_time_steps(run, task, batch, params, steps, warmup))
-        for s in adapter.sites:  # merge the t - 1 earlier branches; the current one stays live
-            for _ in range(t - 1):
-                s.merge(0)
-        out["seconds"]["merged"].append(_time_steps(run, task, batch, params, steps, warmup))
+                up = torch.zeros(s.d_out, rank) if k == tasks - 1 else 0.01 * torch.randn(s.d_out, rank, generator=g)
+                br = s.add_branch(down, up, 1.0, train_down=False, train_up=k == tasks - 1)
+            ups.append(br.up)
+            if way == "merged":
+                for _ in range(tasks - 1):
+                    s.merge(0)
+        with official_forward(adapter) if way == "official" else contextlib.nullcontext():
+            yield ups
+    finally:
         adapter.clear()
         with torch.no_grad():
             for s in adapter.sites:
                 s.weight().copy_(saved[id(s)])
+
+
+WAYS = {"merged": "merged into W (loracl)", "branches": "kept, summed low-rank",
+        "official": "kept, summed dense (official code)"}
+
+
+def step_cost(run, task, tasks: list[int], steps: int = 10, warmup: int = 2, rank: int | None = None) -> dict:
+    """Seconds per step at each task count in `tasks`, for the three ways of holding earlier branches."""
+    rank = rank or getattr(run.method.cfg, "rank", 8)
+    batch = Batch(*next(iter(run.batches(task.train, train=True, seed_parts=("bench",)))))
+    out = {"batch_size": len(batch.y), "rank": rank, "sites": len(run.model.adapter.sites), "tasks": tasks,
+           "seconds": {way: [] for way in WAYS}}
+    run.model.train(run.cfg.train.model_mode == "train")
+    for t in tasks:
+        for way in WAYS:
+            with holding(run, t, rank, way, seed=t) as ups:
+                params = _trainable(run, task, ups)
+                out["seconds"][way].append(_time_steps(run, task, batch, params, steps, warmup))
     return out
 
 
@@ -146,7 +180,168 @@ def stats_share(run, task, epochs: int | None = None) -> dict:
             "share": hooks / (hooks + epochs * epoch)}
 
 
-SECTIONS = ("stats", "steps")
+class ImageCount(FlopMeter):
+    """Counts images per phase instead of FLOPs: a run counts FLOPs on one step per phase, the bench's short
+    timed phases would be dominated by that instrumented step."""
+
+    def step(self, phase: str, batch_size: int, fn):
+        self.by_phase[phase] += batch_size
+        return fn()
+
+    def new_phase(self, phase: str) -> None:
+        pass
+
+
+def peak_memory(device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024), "cpu_process_max_rss"
+
+
+def _reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def stats_pass(run, task) -> tuple[float | None, int]:
+    """The method's statistics passes of `begin_task` (phases named stats*): (seconds or None, images)."""
+    run.phase_seconds.clear()
+    run.flops.reset()
+    run.current_task = task
+    run.method.begin_task(task)
+    keys = [k for k in run.phase_seconds if k.startswith("stats")]
+    if not keys:
+        return None, 0
+    return sum(run.phase_seconds[k] for k in keys), int(sum(run.flops.by_phase[k] for k in keys))
+
+
+# ---- the naive reference: fp32, PIL DataLoader, every branch summed dense, a host sync per step ----------
+
+
+def reference_train(run, task, images, params, warmup: int = 2) -> float:
+    """Seconds for one epoch over `images` the way the original code bases train: PIL decode and augment in
+    a DataLoader, fp32, `loss.item()` every step (their logging). The loss is the method's own."""
+    bs, dev = run.cfg.data.batch_size, run.device
+    opt = torch.optim.Adam(params, lr=run.cfg.train.optimizer.lr)
+    run.model.train(run.cfg.train.model_mode == "train")
+
+    def epoch(seed, limit=None):
+        total = 0.0
+        for b, (x, y, rows) in enumerate(make_loader(images, run.train_tf, bs, seed=seed, shuffle=True,
+                                                      num_workers=run.cfg.data.num_workers)):
+            if limit is not None and b >= limit:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss = run.method.loss(Batch(run.prepare(x, True), y.to(dev), rows), task)
+            loss.backward()
+            opt.step()
+            total += loss.item()
+        return total
+
+    epoch(1, warmup)
+    _sync(dev)
+    t0 = time.perf_counter()
+    epoch(0)
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def reference_eval(run, images, class_ids) -> float:
+    """Seconds to score `images` at the training batch size, fp32, PIL loader, predictions to the host per batch."""
+    run.model.eval()
+    correct = 0
+    t0 = time.perf_counter()
+    for x, y, _ in make_loader(images, run.test_tf, run.cfg.data.batch_size, augment=False,
+                               num_workers=run.cfg.data.num_workers):
+        pred = class_ids[run.method.logits(run.prepare(x, False), class_ids).argmax(-1)]
+        correct += int((pred.cpu() == y).sum())
+    _sync(run.device)
+    return time.perf_counter() - t0
+
+
+@contextlib.contextmanager
+def reference_settings(run):
+    """The run's config switched to the reference's data path and precision (for the method's own passes)."""
+    d, tr = run.cfg.data, run.cfg.train
+    saved = (d.pipeline, d.eval_batch_size, tr.amp)
+    d.pipeline, d.eval_batch_size, tr.amp = "pil", d.batch_size, "none"
+    try:
+        yield
+    finally:
+        d.pipeline, d.eval_batch_size, tr.amp = saved
+
+
+def _fast_side(run, task, train_images, test_images, stats_task, tasks, rank) -> tuple:
+    """loracl: earlier branches merged, one live branch; the Runner's own training loop, evaluation and the
+    method's statistics passes, as the config sets them up. (train epoch s, eval s, stats passes s, stats images)"""
+    with holding(run, tasks, rank, "merged") as ups:
+        params = _trainable(run, task, ups)
+        groups = {"backbone": ups, "head": params[len(ups):]}
+        cap = run.cfg.train.max_steps_per_epoch
+        run.cfg.train.max_steps_per_epoch = 2  # warm-up: decode caches, kernels, compile
+        run.fit(task, phase="bench-warmup", images=train_images, epochs=1, groups=groups)
+        run.cfg.train.max_steps_per_epoch = cap
+        run.phase_seconds.clear()
+        run.fit(task, phase="bench-train", images=train_images, epochs=1, groups=groups)
+        train_s = run.phase_seconds["bench-train"]
+        run.accuracy(test_images, task.class_ids)  # warm-up: builds the eval cache
+        _sync(run.device)
+        t0 = time.perf_counter()
+        run.accuracy(test_images, task.class_ids)
+        eval_s = time.perf_counter() - t0
+        stats = stats_pass(run, stats_task)
+    return (train_s, eval_s, *stats)
+
+
+def _reference_side(run, task, train_images, test_images, stats_task, tasks, rank) -> tuple:
+    """The naive reference: every branch live and summed dense, fp32, PIL DataLoader, training batch size."""
+    with holding(run, tasks, rank, "official") as ups:
+        params = _trainable(run, task, ups)
+        train_s = reference_train(run, task, train_images, params)
+        eval_s = reference_eval(run, test_images, run.class_tensor(task.class_ids))
+        with reference_settings(run):
+            stats = stats_pass(run, stats_task)
+    return (train_s, eval_s, *stats)
+
+
+def throughput(run, task, train_images, test_images, tasks: int, rank: int | None = None, repeats: int = 1) -> dict:
+    """Training, evaluation and statistics-pass images/s with `tasks - 1` earlier branches, loracl's path
+    (what the config selects) against the naive reference, on the same model in the same process."""
+    rank = rank or getattr(run.method.cfg, "rank", 8)
+    n_train, n_test = len(train_images), len(test_images)
+    out = {"tasks": tasks, "rank": rank, "train_images": n_train, "eval_images": n_test,
+           "batch_size": run.cfg.data.batch_size, "eval_batch_size": run.cfg.data.eval_batch_size,
+           "pipeline": "tensor" if run._tensor_pipeline() else "pil",
+           "amp": run.cfg.train.amp if run.cfg.train.amp != "auto" else
+           ("bf16" if run.device.type == "cuda" else "none"),
+           "compile": run.cfg.train.compile}
+    stats_task = dataclasses.replace(task, train=train_images)
+
+    fast, ref = [], []
+    for _ in range(repeats):  # alternated, best of each: other load on the machine hits both sides alike
+        _reset_peak(run.device)
+        fast.append(_fast_side(run, task, train_images, test_images, stats_task, tasks, rank))
+        out["peak_memory_bytes"], out["peak_memory_kind"] = peak_memory(run.device)
+        _reset_peak(run.device)
+        ref.append(_reference_side(run, task, train_images, test_images, stats_task, tasks, rank))
+        out["reference_peak_memory_bytes"], _ = peak_memory(run.device)
+    train_s, eval_s, stats_s = (min(x) if x[0] is not None else None for x in list(zip(*fast))[:3])
+    ref_train_s, ref_eval_s, ref_stats_s = (min(x) if x[0] is not None else None for x in list(zip(*ref))[:3])
+    n_stats = fast[0][3]
+    out["train_images_per_s"] = n_train / train_s
+    out["reference_train_images_per_s"] = n_train / ref_train_s
+    out["speedup"] = out["train_images_per_s"] / out["reference_train_images_per_s"]
+    out["eval_images_per_s"] = n_test / eval_s
+    out["reference_eval_images_per_s"] = n_test / ref_eval_s
+    out["eval_speedup"] = out["eval_images_per_s"] / out["reference_eval_images_per_s"]
+    out["stats_images_per_s"] = n_stats / stats_s if stats_s else None
+    out["reference_stats_images_per_s"] = n_stats / ref_stats_s if ref_stats_s else None
+    out["repeats"] = repeats
+    return out
+
+
+SECTIONS = ("stats", "steps", "throughput")
 
 
 def render(res: dict) -> str:
@@ -169,59 +364,168 @@ def render(res: dict) -> str:
         lines += ["", f"seconds per training step (batch {st['batch_size']}, rank {st['rank']}, {st['sites']} adapted "
                       f"projections), earlier tasks' branches held three ways:",
                   "  " + f"{'':34s}" + "".join(f"{'task ' + str(t):>12s}" for t in ts) + f"{'last/first':>12s}"]
-        names = {"merged": "merged into W (loracl)", "branches": "kept, summed low-rank",
-                 "official": "kept, summed dense (official code)"}
-        for mode, label in names.items():
+        for mode, label in WAYS.items():
             v = st["seconds"][mode]
             lines.append("  " + f"{label:34s}" + "".join(f"{x:12.4f}" for x in v) + f"{v[-1] / v[0]:12.2f}")
         m, o = st["seconds"]["merged"][-1], st["seconds"]["official"][-1]
         lines.append(f"  at task {ts[-1]}: official / merged = {o / m:.2f}x")
+    if "throughput" in res:
+        tp = res["throughput"]
+        mem = "CUDA max allocated" if tp["peak_memory_kind"].startswith("cuda") else "process max RSS (CPU)"
+
+        def rate(v):
+            return f"{v:12.1f}" if v else f"{'-':>12s}"
+
+        lines += ["", f"images/s at task {tp['tasks']} ({tp['tasks'] - 1} earlier branches, rank {tp['rank']}), "
+                      f"{tp['train_images']} training / {tp['eval_images']} test images"
+                      f"{' (synthetic)' if res.get('synthetic_data') else ''}:",
+                  f"  loracl: {tp['pipeline']} pipeline, amp {tp['amp']}, earlier branches merged, batch "
+                  f"{tp['batch_size']}, eval batch {tp['eval_batch_size']}",
+                  f"  reference: fp32, PIL DataLoader, every branch summed dense, eval batch {tp['batch_size']}",
+                  "  " + f"{'':14s}{'loracl':>12s}{'reference':>12s}{'ratio':>12s}"]
+        for label, k in (("training", "train"), ("evaluation", "eval"), ("stats passes", "stats")):
+            a, b = tp[f"{k}_images_per_s"], tp[f"reference_{k}_images_per_s"]
+            lines.append("  " + f"{label:14s}" + rate(a) + rate(b) + (f"{a / b:12.2f}" if a and b else f"{'-':>12s}"))
+        lines.append(f"  peak memory ({mem}): loracl {tp['peak_memory_bytes'] / 2**20:.0f} MiB, after the "
+                     f"reference {tp['reference_peak_memory_bytes'] / 2**20:.0f} MiB")
     return "\n".join(lines)
 
 
-def run_bench(args) -> dict:
+def machine_info() -> dict:
+    """Where the numbers were measured."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_model": cpu,
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _config(args):
+    """The run config of the bench: the preset (or file) with the command's overrides."""
     from .config import load_config
-    from .train import Runner
 
     sets = list(args.set or [])
+    if args.backbone:  # any timm ViT, random weights: no download, no file, none of the fixture's shape
+        sets += [f"backbone.name={args.backbone}", "backbone.kind=timm", "backbone.pretrained=false",
+                 "backbone.file=null", "backbone.head_file_key=null", "eval.retention=null",
+                 f"backbone.kwargs={{img_size: {args.img_size}}}" if args.img_size else "backbone.kwargs={}",
+                 f"backbone.cfg_overlay={{input_size: [3, {args.img_size}, {args.img_size}]}}" if args.img_size
+                 else "backbone.cfg_overlay={}"]
+    elif args.img_size:
+        sets += [f"backbone.kwargs.img_size={args.img_size}", f"backbone.cfg_overlay.input_size=[3, {args.img_size}, "
+                 f"{args.img_size}]", "backbone.pretrained=false", "backbone.file=null", "eval.retention=null"]
     if args.batch_size:
         sets.append(f"data.batch_size={args.batch_size}")
     if args.threads:
         sets.append(f"threads={args.threads}")
-    cfg = load_config(args.config, preset=None if args.config else args.preset, method=args.method, sets=sets)
+    sets.append(f"device={args.device or ('cuda' if torch.cuda.is_available() else 'cpu')}")
+    return load_config(args.config, preset=None if args.config else args.preset, method=args.method, sets=sets)
+
+
+def _scenario(cfg, args):
+    """The preset's scenario, or random images of the model's input size when its data is absent."""
+    from .data.scenarios import build_scenario
+    from .data.synthetic import synthetic_scenario
+
+    try:
+        return build_scenario(cfg.benchmark, cfg.seed), False
+    except (LoraclError, OSError, RuntimeError):
+        size = args.img_size or cfg.backbone.kwargs.get("img_size") or 224
+        return synthetic_scenario(max(args.tasks), 10, args.images, args.images, int(size)), True
+
+
+def _first(images, n: int):
+    import numpy as np
+
+    return images.subset(np.arange(min(n, len(images))))
+
+
+def summary(res: dict) -> dict:
+    """The flat keys `--json` promises, from the sections that ran."""
+    out = {k: res[k] for k in ("preset", "method", "backbone", "img_size", "device", "synthetic_data")}
+    tp, st, sh = res.get("throughput"), res.get("steps"), res.get("stats")
+    if tp:
+        for k in ("train_images_per_s", "reference_train_images_per_s", "speedup", "eval_images_per_s",
+                  "reference_eval_images_per_s", "eval_speedup", "stats_images_per_s",
+                  "reference_stats_images_per_s", "peak_memory_bytes", "peak_memory_kind",
+                  "reference_peak_memory_bytes", "batch_size", "train_images", "eval_images", "tasks"):
+            out[k] = tp[k]
+    if st:
+        out["step_seconds_first_task"] = st["seconds"]["merged"][0]
+        out["step_seconds_last_task"] = st["seconds"]["merged"][-1]
+        out["step_tasks"] = [st["tasks"][0], st["tasks"][-1]]
+    if sh:
+        out["stats_fraction_of_task"] = sh["share"]
+    out["machine"] = res["machine"]
+    return out
+
+
+def run_bench(args) -> dict:
+    from .train import Runner
+
+    cfg = _config(args)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    scenario, synthetic = _scenario(cfg, args)
     with tempfile.TemporaryDirectory() as tmp:
-        run = Runner(cfg, Path(tmp), progress=False, log=lambda *a, **k: None)
+        run = Runner(cfg, Path(tmp), progress=False, log=lambda *a, **k: None, scenario=scenario)
+        run.flops = ImageCount()
         run.method.setup()
         task = run.scenario.tasks[0]
+        train, test = _first(task.train, args.images), _first(task.test, args.images)
         res = {"preset": cfg.name, "method": cfg.method_name, "backbone": cfg.backbone.name,
-               "device": str(run.device), "threads": torch.get_num_threads()}
+               "img_size": run.model.backbone.data_config()["size"], "device": str(run.device),
+               "threads": torch.get_num_threads(), "synthetic_data": synthetic}
         if "stats" in args.sections:
-            res["stats"] = stats_share(run, task, args.epochs)
+            res["stats"] = stats_share(run, dataclasses.replace(task, train=train), args.epochs)
         else:
             run.current_task = task
             run.method.begin_task(task)
         if "steps" in args.sections:
             res["steps"] = step_cost(run, task, args.tasks, steps=args.steps, warmup=args.warmup)
+        if "throughput" in args.sections:
+            res["throughput"] = throughput(run, task, train, test, max(args.tasks), repeats=args.repeats)
+    res["machine"] = machine_info()
+    res["summary"] = summary(res)
     return res
 
 
 def cmd_bench(args) -> int:
-    print(render(run_bench(args)))
+    res = run_bench(args)
+    print(render(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res["summary"] | {"sections": {k: res[k] for k in SECTIONS if k in res}},
+                                              indent=1))
+        print(f"\nwrote {args.json}")
     return 0
 
 
 def add_parser(sub) -> None:
-    b = sub.add_parser("bench", help="measure step cost across tasks and the statistics passes' share",
-                       description=__doc__.split("\n\n")[0])
+    b = sub.add_parser("bench", help="measure throughput against a naive reference, step cost across tasks and "
+                                     "the statistics passes' share", description=__doc__.split("\n\n")[0])
     b.add_argument("config", nargs="?", help="config YAML (instead of --preset)")
     b.add_argument("--preset", default="cifar100-mini")
     b.add_argument("--method", default="inflora")
-    b.add_argument("--tasks", type=int, nargs="+", default=[1, 10], help="task counts to time a step at")
+    b.add_argument("--backbone", help="any timm ViT name, built with random weights (default: the preset's)")
+    b.add_argument("--img-size", type=int, help="model input size (with --backbone, or the preset's ViT)")
+    b.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
+    b.add_argument("--images", type=int, default=512, help="training (and evaluation) images to time")
+    b.add_argument("--tasks", type=int, nargs="+", default=[1, 10],
+                   help="task counts to time a step at; the last is the throughput section's")
     b.add_argument("--steps", type=int, default=10, help="timed steps per measurement (median)")
     b.add_argument("--warmup", type=int, default=2)
+    b.add_argument("--repeats", type=int, default=1,
+                   help="throughput: measure both sides this many times, alternated, and keep the best")
     b.add_argument("--batch-size", type=int, help="default: the preset's data.batch_size")
     b.add_argument("--epochs", type=int, help="epochs per task for the share (default: the preset's)")
     b.add_argument("--threads", type=int, help="torch CPU threads")
     b.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    b.add_argument("--json", metavar="PATH", help="write the figures (and the machine) as JSON")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     b.set_defaults(fn=cmd_bench)

@@ -122,7 +122,7 @@ def machine() -> dict:
 
 class Runner:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, *, resume: bool = False, progress: bool | None = None,
-                 log=print):
+                 log=print, scenario: Scenario | None = None):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.device = pick_device(cfg.device)
@@ -133,7 +133,8 @@ class Runner:
             torch.set_num_threads(cfg.threads)
         self.resume = resume
         seed_all(derive_seed(cfg.seed, "build"))
-        self.scenario: Scenario = build_scenario(cfg.benchmark, cfg.seed)
+        # a scenario given by the caller (synthetic images for `loracl bench`) stands in for cfg.benchmark's
+        self.scenario: Scenario = scenario or build_scenario(cfg.benchmark, cfg.seed)
         self.model: ContinualModel = build_model(cfg, self.device)
         self.train_tf, self.test_tf = build_transforms(cfg.data, self.model.backbone.data_config())
         self.base_digests = digests(self.model)

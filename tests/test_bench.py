@@ -43,3 +43,96 @@ def test_bench_command_runs(capsys):
     for text in ("share of a task at 3 epochs", "merged into W (loracl)", "kept, summed dense (official code)",
                  "task 1", "task 3", "stats-before", "stats-after"):
         assert text in out
+
+
+# ---- the throughput section and --json --------------------------------------------------------------------
+
+KEYS = ("train_images_per_s", "reference_train_images_per_s", "speedup", "eval_images_per_s",
+        "reference_eval_images_per_s", "stats_images_per_s", "step_seconds_first_task", "step_seconds_last_task",
+        "stats_fraction_of_task", "peak_memory_bytes", "machine")
+TINY = ["--threads", "1", "--images", "16", "--batch-size", "8", "--steps", "1", "--warmup", "0", "--tasks", "1", "2"]
+
+
+def _bench_json(tmp_path, *extra):
+    import json
+
+    from loracl.cli import main
+
+    torch.set_num_threads(1)
+    path = tmp_path / "bench.json"
+    assert main(["bench", *TINY, "--json", str(path), *extra]) == 0
+    return json.loads(path.read_text())
+
+
+def _check_figures(res):
+    for k in KEYS:
+        assert k in res, k
+    for k in ("train_images_per_s", "reference_train_images_per_s", "eval_images_per_s",
+              "reference_eval_images_per_s", "stats_images_per_s", "step_seconds_first_task",
+              "step_seconds_last_task", "peak_memory_bytes"):
+        assert res[k] > 0, k
+    assert res["speedup"] == pytest.approx(res["train_images_per_s"] / res["reference_train_images_per_s"])
+    assert 0 < res["stats_fraction_of_task"] < 1
+    assert res["peak_memory_kind"] == "cpu_process_max_rss"
+    assert res["train_images"] == 16 and res["tasks"] == 2 and res["step_tasks"] == [1, 2]
+    m = res["machine"]
+    assert m["threads"] == 1 and m["cpu_count"] >= 1 and m["torch"] == torch.__version__ and m["platform"]
+
+
+@pytest.mark.shared
+def test_bench_json_on_the_fixture(tmp_path, capsys):
+    res = _bench_json(tmp_path, "--set", "eval.retention=null")
+    _check_figures(res)
+    assert res["backbone"] == "vit_tiny_patch16_224" and res["img_size"] == 32 and not res["synthetic_data"]
+    assert "stats passes" in capsys.readouterr().out
+
+
+def test_bench_any_timm_vit_random_weights_synthetic_data(tmp_path):
+    """--backbone builds the named timm ViT with random weights at --img-size; with no data (an empty data
+    root) the bench times random images of that size."""
+    res = _bench_json(tmp_path, "--backbone", "vit_tiny_patch16_224", "--img-size", "32",
+                      "--set", f"data_root={tmp_path / 'no-data'}")
+    _check_figures(res)
+    assert res["img_size"] == 32 and res["synthetic_data"]
+    assert res["sections"]["throughput"]["rank"] == 10  # the preset's InfLoRA settings still apply
+
+
+def test_reference_and_fast_path_compute_the_same_loss(tmp_path):
+    """Earlier branches merged into W + the live branch (loracl) and every branch summed dense in each forward
+    (the reference), fp32 on the CPU: the method's own loss is the same on the same batch."""
+    import argparse
+
+    from loracl.bench import _config, holding, reference_train
+    from loracl.data.synthetic import synthetic_scenario
+    from loracl.methods import Batch
+    from loracl.train import Runner
+
+    torch.set_num_threads(1)
+    args = argparse.Namespace(config=None, preset="cifar100-mini", method="inflora", backbone="vit_tiny_patch16_224",
+                              img_size=32, batch_size=8, threads=1, device="cpu", set=["train.amp=none"])
+    run = Runner(_config(args), tmp_path, progress=False, log=lambda *a, **k: None,
+                 scenario=synthetic_scenario(3, 10, 8, 8, 32))
+    run.method.setup()
+    task = run.scenario.tasks[0]
+    run.current_task = task
+    run.method.begin_task(task)
+    batch = Batch(*next(iter(run.batches(task.train, train=False, shuffle=False))))
+    losses = {}
+    for way in ("merged", "branches", "official", "none"):
+        with holding(run, 3 if way != "none" else 1, 4, way if way != "none" else "merged", seed=1) as ups:
+            with torch.no_grad():  # a live branch that counts too, the same in every way
+                g = torch.Generator().manual_seed(2)
+                for u in ups:
+                    u.copy_(0.05 * torch.randn(u.shape, generator=g))
+            with run.amp_context():
+                losses[way] = run.method.loss(batch, task).item()
+    assert losses["official"] == pytest.approx(losses["merged"], rel=1e-5)
+    assert losses["branches"] == pytest.approx(losses["merged"], rel=1e-5)
+    assert abs(losses["official"] - losses["none"]) > 1e-4  # the earlier branches do change the loss
+    w0 = run.model.adapter.sites[0].weight().clone()
+    with holding(run, 3, 4, "official") as ups:  # the reference loop trains the live branch, not W
+        params = [*ups, *run.method.param_groups(task)["head"]]
+        run.model.set_trainable("lora")
+        assert reference_train(run, task, task.train, params, warmup=0) > 0
+        assert float(ups[0].detach().abs().sum()) > 0
+    torch.testing.assert_close(run.model.adapter.sites[0].weight(), w0)
