@@ -45,8 +45,13 @@ def _config_key(run: Path) -> str:
     if not p.exists():
         return ""
     cfg = yaml.safe_load(p.read_text()) or {}
-    for k in ("seed", "out", "data_root", "weights_root", "threads", "device"):
+    for k in ("seed", "out", "data_root", "weights_root", "threads", "device", "tensorboard"):
         cfg.pop(k, None)
+    # execution settings that do not change what is computed: runs differing only here are one group
+    for k in ("eval_batch_size", "num_workers", "cache_dir", "host_cache_mb", "device_cache_mb"):
+        cfg.get("data", {}).pop(k, None)
+    cfg.get("eval", {}).pop("cache_mb", None)
+    cfg.get("train", {}).pop("compile", None)
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

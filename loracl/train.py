@@ -190,13 +190,12 @@ class Runner:
     def class_tensor(self, ids) -> torch.Tensor:
         return torch.as_tensor(list(ids), dtype=torch.long, device=self.device)
 
-    @staticmethod
-    def columns(y: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        """Positions of the global ids `y` within `class_ids` (the logits' columns)."""
-        lut = torch.full((int(class_ids.max()) + 1 if len(class_ids) else 1,), -1, dtype=torch.long,
-                         device=class_ids.device)
+    def columns(self, y: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """Positions of the global ids `y` within `class_ids` (the logits' columns; -1 for an id not among
+        them). The table spans the scenario's classes, a size known on the host: no device sync in a step."""
+        lut = torch.full((len(self.scenario.class_names),), -1, dtype=torch.long, device=class_ids.device)
         lut[class_ids] = torch.arange(len(class_ids), device=class_ids.device)
-        return lut[y.clamp(max=len(lut) - 1)]
+        return lut[y]
 
     def prepare(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         """uint8 batch from a loader -> normalised float input on the model's device."""
