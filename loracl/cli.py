@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import LoraclError
 
-DEMO_METHODS = ["linear-probe", "seq-lora", "inflora", "joint"]
+DEMO_METHODS = ["seq-lora", "inflora", "joint"]  # linear-probe too with --methods
 
 
 def default_out(cfg) -> Path:

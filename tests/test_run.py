@@ -212,3 +212,15 @@ def test_corrupt_image_in_a_worker_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "zz-broken.jpg" in err[0] and err[0].startswith("error: cannot read image")
     assert (out / "checkpoints" / "task_00.pt").exists()  # the task before the broken image is kept
+
+
+def test_demo_runs_on_the_bundled_assets_and_prints_the_table(tmp_path, capsys):
+    """`make demo`'s job on the repository's own bundle (no ../shared), shortened."""
+    args = ["demo", "--out", str(tmp_path / "demo"), "--methods", "seq-lora", "inflora"]
+    for s in smoke_sets(**{"benchmark.num_tasks": 2}):
+        args += ["--set", s]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| demo-cifar100-20 | inflora | 0 |" in out and "| demo-cifar100-20 | seq-lora | 0 |" in out
+    assert (tmp_path / "demo" / "comparison.md").exists() and (tmp_path / "demo" / "inflora" / "seed0" / "report.html").exists()
+    assert main(args) == 0 and "already done" in capsys.readouterr().out  # a second call reuses finished runs
