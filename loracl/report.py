@@ -25,6 +25,7 @@ METRIC_LABELS = {
     "avg_inc_acc_task_avg": "average incremental accuracy, task-averaged (%)",
     "forgetting": "forgetting (points)",
     "bwt": "backward transfer (points)",
+    "final_acc_task_aware": "final accuracy, task-aware: each task over its own classes (%)",
     "fwt": "forward transfer (points)",
     "transfer": "MTIL Transfer (%)",
     "average": "MTIL Average (%)",
