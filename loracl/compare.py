@@ -39,12 +39,19 @@ def find_runs(dirs: list[Path]) -> list[Path]:
 
 
 def _config_key(run: Path) -> str:
+    """What a run computed, as a hash of its config: read through today's config model, so a run written
+    before a key existed (and so at its default) groups with later runs of the same experiment."""
     import yaml
+
+    from .config import load_config
 
     p = run / "config.yaml"
     if not p.exists():
         return ""
-    cfg = yaml.safe_load(p.read_text()) or {}
+    try:
+        cfg = load_config(p).model_dump(mode="json")
+    except LoraclError:  # a config of an older or newer loracl: compare it as written
+        cfg = yaml.safe_load(p.read_text()) or {}
     for k in ("seed", "out", "data_root", "weights_root", "threads", "device", "tensorboard"):
         cfg.pop(k, None)
     # execution settings that do not change what is computed: runs differing only here are one group
