@@ -12,6 +12,10 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("LORACL_SHARED", REPO.parent / "shared"))
 DATA = SHARED / "data"
 WEIGHTS = SHARED / "weights" / "vit-s6-tin32" / "model.safetensors"
+# presets name {data_root} / {weights_root}: give them the shared folders even where those are absent, so
+# config tests run everywhere (tests that read the files are marked `shared` and skipped without them)
+os.environ.setdefault("LORACL_DATA_ROOT", str(DATA))
+os.environ.setdefault("LORACL_WEIGHTS_ROOT", str(SHARED / "weights"))
 
 # two threads on two cores; one when the machine is already busy (OpenMP threads that spin on an
 # oversubscribed CPU make every step many times slower)

@@ -242,6 +242,7 @@ def test_keeplora_on_the_vit_fixture_keeps_retention_reported(tmp_path):
     assert res["metrics"]["pretrained_retention_initial"] > 20
 
 
+@pytest.mark.shared
 def test_official_variant_refuses_non_square_weights(tmp_path):
     r = _runner(tmp_path, clip=False, preset="cifar100-mini", **{"method.targets": ["q", "fc1"]})
     with pytest.raises(ConfigError, match="square"):
