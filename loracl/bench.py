@@ -45,31 +45,22 @@ from .methods import Batch
 # the official InfLoRA forward, for comparison: sum every task's branch into a dense d_out x d_in matrix
 
 
-def _dense_apply(layer, x, out):
-    for tap in list(layer.taps.values()):
-        tap(x)
-    if not layer.active:
-        return out
-    for name, branches in layer.branches.items():
-        if len(branches) == 0:
-            continue
-        a, b = layer.slices[name]
-        delta_w = torch.stack([br.scale * (br.up @ br.down) for br in branches]).sum(0)
-        delta = F.linear(x.to(delta_w.dtype) if not torch.is_autocast_enabled() else x, delta_w).to(out.dtype)
-        out = torch.cat([out[..., :a], out[..., a:b] + delta, out[..., b:]], dim=-1)
-    return out
+def _dense_delta(layer, branches, x):
+    """Every branch's up @ down summed into one d_out x d_in matrix, applied to x (the official forward)."""
+    delta_w = torch.stack([br.scale * (br.up @ br.down) for br in branches]).sum(0)
+    return F.linear(x.to(delta_w.dtype) if not torch.is_autocast_enabled() else x, delta_w)
 
 
 @contextlib.contextmanager
 def official_forward(adapter):
     """Within the block, adapted layers sum their branches as the official InfLoRA code does."""
     for layer in adapter.layers:
-        layer.apply_branches = types.MethodType(_dense_apply, layer)
+        layer.branch_delta = types.MethodType(_dense_delta, layer)
     try:
         yield
     finally:
         for layer in adapter.layers:
-            del layer.apply_branches
+            del layer.branch_delta
 
 
 # --------------------------------------------------------------------------------------------------

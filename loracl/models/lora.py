@@ -100,6 +100,14 @@ class LoRALayer(nn.Module):
     def remove_tap(self, handle: int) -> None:
         self.taps.pop(handle, None)
 
+    def branch_delta(self, branches, x: torch.Tensor) -> torch.Tensor:
+        """The summed output of `branches` on input x, each branch low-rank (down, then up)."""
+        xin = x.to(branches[0].down.dtype) if not torch.is_autocast_enabled() else x
+        delta = branches[0](xin)
+        for br in branches[1:]:
+            delta = delta + br(xin)
+        return delta
+
     def apply_branches(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Add every live branch's contribution to the host's output `out` (computed from input `x`)."""
         for tap in list(self.taps.values()):
@@ -110,11 +118,7 @@ class LoRALayer(nn.Module):
             if len(branches) == 0:
                 continue
             a, b = self.slices[name]
-            xin = x.to(branches[0].down.dtype) if not torch.is_autocast_enabled() else x
-            delta = branches[0](xin)
-            for br in branches[1:]:
-                delta = delta + br(xin)
-            delta = delta.to(out.dtype)
+            delta = self.branch_delta(branches, x).to(out.dtype)
             if a == 0 and b == out.shape[-1]:
                 out = out + delta
             else:
