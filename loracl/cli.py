@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import dist
 from .errors import LoraclError
 
 DEMO_METHODS = ["seq-lora", "inflora", "joint"]  # linear-probe too with --methods
@@ -33,7 +34,7 @@ def cmd_run(args) -> int:
                               f"resume with the same command (or: loracl run --resume --out {out})")
     if not args.resume and (out / "results.json").exists() and not args.overwrite:
         raise LoraclError(f"{out} already holds a run; add --resume to continue it or --overwrite to replace it")
-    if args.overwrite and not args.resume:
+    if args.overwrite and not args.resume and os.environ.get("RANK", "0") == "0":  # torchrun: one process deletes
         import shutil
 
         for sub in ("checkpoints", "results.json", "report.html", "tensorboard"):
@@ -44,10 +45,15 @@ def cmd_run(args) -> int:
                 p.unlink()
     runner = Runner(cfg, out, resume=args.resume, progress=args.progress)
     results = runner.run()
-    m = results["metrics"]
-    keys = [k for k in ("final_acc", "final_acc_task_avg", "avg_inc_acc", "forgetting", "transfer", "average",
-                        "last", "pretrained_retention") if m.get(k) is not None]
-    print("  ".join(f"{k} {m[k]:.2f}" for k in keys))
+    # under torchrun: every process leaves together once rank 0 has written the results (a process that
+    # exits while its peers still hold the group open can abort in the group's teardown)
+    main = dist.is_main()
+    dist.finish()
+    if main:
+        m = results["metrics"]
+        keys = [k for k in ("final_acc", "final_acc_task_avg", "avg_inc_acc", "forgetting", "transfer", "average",
+                            "last", "pretrained_retention") if m.get(k) is not None]
+        print("  ".join(f"{k} {m[k]:.2f}" for k in keys))
     return 0
 
 

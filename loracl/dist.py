@@ -33,10 +33,31 @@ def init_from_env(device: torch.device) -> None:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
 
 
+def share(n: int) -> slice:
+    """This process's contiguous share of n items split over the processes (the last shares may be short)."""
+    k = (n + world_size() - 1) // world_size()
+    return slice(min(rank() * k, n), min((rank() + 1) * k, n))
+
+
+def all_gather_objects(obj) -> list:
+    """Every process's `obj` (picklable), in rank order."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over processes in place (statistics must be summed before any SVD)."""
     if is_dist():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_min_(t: torch.Tensor) -> torch.Tensor:
+    if is_dist():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return t
 
 
@@ -49,3 +70,10 @@ def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
 def barrier() -> None:
     if is_dist():
         dist.barrier()
+
+
+def finish() -> None:
+    """Wait for every process, then leave the process group (the end of a run under torchrun)."""
+    if is_dist():
+        dist.barrier()
+        dist.destroy_process_group()
