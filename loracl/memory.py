@@ -115,10 +115,12 @@ class EpisodicMemory:
         pick = torch.randperm(len(self.rows), generator=generator)[:m].numpy()
         return self.rows[pick]
 
-    def load(self, rows: np.ndarray, transform, generator: torch.Generator | None = None):
-        """(uint8 images, global targets) of pool `rows`, each augmented with its own seed."""
+    def load(self, rows: np.ndarray, transform, generator: torch.Generator | None = None, keep: slice = slice(None)):
+        """(uint8 images, global targets) of pool `rows[keep]`, each augmented with its own seed. The seeds
+        are drawn for all `rows`, so a process loading its share draws what a single process would."""
         ts = TransformedSet(self.pool, transform)
-        seeds = torch.randint(2 ** 62, (len(rows),), generator=generator).tolist()
+        seeds = torch.randint(2 ** 62, (len(rows),), generator=generator).tolist()[keep]
+        rows = rows[keep]
         xs = [ts[(int(r), s)][0] for r, s in zip(rows, seeds)]
         return torch.stack(xs), torch.as_tensor(self.pool.targets[rows], dtype=torch.long)
 

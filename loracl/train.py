@@ -230,7 +230,7 @@ class Runner:
         return dec
 
     def batches(self, images: ImageSet, *, train: bool, seed_parts=(), shuffle: bool | None = None,
-                batch_size: int | None = None, start: int = 0, equal_steps: bool = False):
+                batch_size: int | None = None, start: int = 0, equal_steps: bool = False, drop_last: bool = False):
         """(input on device, target on device, rows) batches of `images`, with training or test views.
 
         Seeds derive from (run seed, *seed_parts), so the batches are the same after a resume. The tensor
@@ -243,23 +243,24 @@ class Runner:
             for x, y, rows in make_loader(images, self.train_tf if train else self.test_tf, bs, seed=seed,
                                           shuffle=shuffle, start=start, num_workers=self.cfg.data.num_workers,
                                           augment=train, pin_memory=self.device.type == "cuda",
-                                          equal_steps=equal_steps):
+                                          drop_last=drop_last, equal_steps=equal_steps):
                 yield self.prepare(x, train), y.to(self.device, non_blocking=True), rows
             return
         from .data.loader import EpochBatches
 
         aug = self._augment[train]
-        sampler = EpochBatches(len(images), bs, seed, shuffle, start, augment=False, equal_steps=equal_steps)
+        sampler = EpochBatches(len(images), bs, seed, shuffle, start, drop_last, augment=False,
+                               equal_steps=equal_steps)
         for b, items in enumerate(sampler, start=start):
             rows = torch.tensor([r for r, _ in items], dtype=torch.long)
             gen = torch.Generator().manual_seed(derive_seed(seed, b)) if train else None
             x = aug(dec.rows(rows).to(self.device, non_blocking=True), gen)
             yield x, dec.targets[rows].to(self.device, non_blocking=True), rows
 
-    def num_batches(self, images: ImageSet, batch_size: int) -> int:
+    def num_batches(self, images: ImageSet, batch_size: int, drop_last: bool = False) -> int:
         from .data.loader import EpochBatches
 
-        return EpochBatches(len(images), batch_size, 0, False).num_batches()
+        return EpochBatches(len(images), batch_size, 0, False, drop_last=drop_last).num_batches()
 
     def eval_batches(self, images: ImageSet):
         """(input, target) batches of a test set; with the PIL pipeline decoded once and kept as uint8 when
@@ -300,17 +301,18 @@ class Runner:
             self.phase_seconds[phase] += time.perf_counter() - t0
 
     def forward_pass(self, images: ImageSet, fn, *, desc: str, train_transform: bool = True,
-                     grad: bool = False, batch_size: int | None = None) -> None:
+                     grad: bool = False, batch_size: int | None = None, drop_last: bool = False) -> None:
         """Call fn(Batch) over `images` once (statistics, features, gradient estimates), timed and FLOP-counted
-        as phase `desc`. Training transforms by default, as InfLoRA's statistics passes use."""
+        as phase `desc`. Training transforms by default, as InfLoRA's statistics passes use. `drop_last`
+        leaves out a short last (global) batch, on every process alike."""
         t = self.current_task.index if self.current_task else -1
         bs = batch_size or self.cfg.data.eval_batch_size
         batches = self.batches(images, train=train_transform, seed_parts=("pass", desc, t), shuffle=False,
-                               batch_size=bs)
+                               batch_size=bs, drop_last=drop_last)
         self.flops.new_phase(desc)
         with self.timed(desc), torch.set_grad_enabled(grad), self.amp_context():
-            for x, y, rows in tqdm(batches, total=self.num_batches(images, bs), desc=f"  {desc}", leave=False,
-                                   disable=not self.progress):
+            for x, y, rows in tqdm(batches, total=self.num_batches(images, bs, drop_last), desc=f"  {desc}",
+                                   leave=False, disable=not self.progress):
                 b = Batch(x, y, rows)
                 self.flops.step(desc, len(y), lambda: fn(b))
 
@@ -370,7 +372,7 @@ class Runner:
 
                     loss = self.flops.step(phase, len(y), step_fn).detach()
                     finite = torch.isfinite(loss)
-                    if cfg.train.nan_policy == "skip" and not bool(finite):
+                    if cfg.train.nan_policy == "skip" and not self._all_finite(finite):
                         opt.zero_grad(set_to_none=True)
                     else:
                         first_bad = torch.where((first_bad < 0) & ~finite, torch.tensor(step, device=self.device),
@@ -408,8 +410,19 @@ class Runner:
         return DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                    find_unused_parameters=True)
 
+    @staticmethod
+    def _all_finite(finite: torch.Tensor) -> bool:
+        """One host sync per step (nan_policy skip); under torchrun all processes skip the step together,
+        since the averaged gradients of a step with a non-finite loss anywhere are non-finite everywhere."""
+        ok = finite.to(torch.int32)
+        return bool(dist.all_reduce_min_(ok))
+
     def _check_finite(self, first_bad: torch.Tensor, task: Task, phase: str, spe: int) -> None:
-        bad = int(first_bad)
+        # the earliest bad step over all processes, so that every process raises together (none waits on
+        # a collective that its peers never reach)
+        never = torch.iinfo(first_bad.dtype).max
+        bad = dist.all_reduce_min_(torch.where(first_bad < 0, torch.full_like(first_bad, never), first_bad))
+        bad = -1 if int(bad) == never else int(bad)
         if bad >= 0:
             last = self._last_good_checkpoint()
             raise TrainingDiverged(

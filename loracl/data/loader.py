@@ -57,7 +57,6 @@ class EpochBatches(Sampler):
                  drop_last: bool = False, augment: bool = True, equal_steps: bool = False):
         self.n, self.bs, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.start, self.drop_last, self.augment, self.equal_steps = start, drop_last, augment, equal_steps
-        self.world, self.rank = dist.world_size(), dist.rank()
 
     def order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -75,9 +74,8 @@ class EpochBatches(Sampler):
         order = self.order().tolist()
         for b in range(self.start, self.num_batches()):
             chunk = order[b * self.bs:(b + 1) * self.bs]
-            k = (len(chunk) + self.world - 1) // self.world
-            lo = self.rank * k
-            mine = chunk[lo:lo + k]
+            part = dist.share(len(chunk))
+            lo, mine = part.start, chunk[part]
             if not mine:
                 if not self.equal_steps:
                     continue

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
+from .. import dist
 from ..data.loader import derive_seed
 from . import register
 from .base import Batch
@@ -43,15 +45,17 @@ class ExperienceReplay(RehearsalMethod):
 
     def mixed_batch(self, batch: Batch) -> tuple[Batch, int]:
         """The batch with its memory samples appended (their `rows` are -1); returns it and their number."""
-        m = self.replay_count(len(batch.y))
+        # under torchrun: the replay set of the global batch, drawn alike in every process (one RNG stream),
+        # of which each process takes its contiguous share, as it does of the new samples
+        m = self.replay_count(sum(dist.all_gather_objects(len(batch.y))))
         if m == 0:
             return batch, 0
-        mem = self.memory_batch(self.memory.sample(m))
-        rows = torch.cat([torch.as_tensor(batch.rows), torch.full((m,), -1, dtype=torch.long)])
-        return Batch(torch.cat([batch.x, mem.x]), torch.cat([batch.y, mem.y]), rows), m
+        mem = self.memory_batch(self.memory.sample(m), keep=dist.share(m))
+        rows = torch.cat([torch.as_tensor(batch.rows), torch.full((len(mem.y),), -1, dtype=torch.long)])
+        return Batch(torch.cat([batch.x, mem.x]), torch.cat([batch.y, mem.y]), rows), len(mem.y)
 
     def loss(self, batch, task):
-        self._new_rows = batch.rows
+        self._new_rows = np.asarray(batch.rows, dtype=np.int64)
         mixed, _ = self.mixed_batch(batch)
         return self.seen_loss(mixed)
 
@@ -59,7 +63,8 @@ class ExperienceReplay(RehearsalMethod):
         if self.cfg.policy != "reservoir":
             return
         before = len(self.memory)
-        self.memory.add_reservoir(self.memory.pool_rows(task.index, self._new_rows), self.cfg.memory_size)
+        new = np.concatenate(dist.all_gather_objects(self._new_rows))
+        self.memory.add_reservoir(self.memory.pool_rows(task.index, new), self.cfg.memory_size)
         # while the memory is smaller than a replay batch, the step's size changes: count the next one anew
         want = self.replay_count(self.run.cfg.data.batch_size, capped=False)
         if min(before, want) != min(len(self.memory), want):

@@ -81,7 +81,8 @@ class BatchMeanFeatures:
     than on the full token matrix. Only F F^T (d x d) is needed: it has F's left singular vectors and
     squared singular values."""
 
-    def __init__(self):
+    def __init__(self, d: int, device=None):
+        self.d, self.device = d, device
         self.sum: torch.Tensor | None = None
         self.m = 0
 
@@ -94,8 +95,11 @@ class BatchMeanFeatures:
             self.sum += x.t()
 
     def gram(self) -> torch.Tensor:
-        dist.all_reduce_sum_(self.sum)
-        return self.sum @ self.sum.t()
+        """F F^T. Under torchrun each process holds its contiguous share of every batch, i.e. a block of F's
+        columns (F = [F_0 | F_1 | ...]), so F F^T = sum over processes of F_p F_p^T."""
+        g = (self.sum @ self.sum.t() if self.sum is not None
+             else torch.zeros(self.d, self.d, device=self.device))
+        return dist.all_reduce_sum_(g)
 
 
 @register
@@ -249,8 +253,15 @@ class KeepLoRA(Method):
     def _logits(self, x, class_ids):
         if self.cosine is None or not self.cosine.knows(class_ids):
             return self.net(x, class_ids)
-        feats = self.model.features(x)
-        return self.model.head(feats, class_ids) + self.cosine(feats, class_ids)
+        logits, feats = self.net(x, class_ids, return_features=True)  # through DDP under torchrun
+        return logits + self.cosine(feats, class_ids)
+
+    def after_backward(self, task):
+        """KeepLoRA+'s cosine head is not part of the DDP-wrapped model: average its gradients here."""
+        if self.cosine is not None and dist.is_dist():
+            for p in self.cosine.parameters():
+                if p.grad is not None:
+                    dist.all_reduce_sum_(p.grad).div_(dist.world_size())
 
     def loss(self, batch, task):
         ids = self.run.train_classes(task)
@@ -284,10 +295,10 @@ class KeepLoRA(Method):
             kw = dict(desc="keeplora-features", train_transform=self.run.cfg.data.stats_augment,
                       batch_size=self.run.cfg.data.batch_size)
             if self.feature_kind == "batch-mean":
-                accs = {layer: BatchMeanFeatures() for layer in layers["image"]}
+                accs = {layer: BatchMeanFeatures(layer.d_in, layer.weight.device) for layer in layers["image"]}
                 handles = [(layer, layer.add_tap(accs[layer].update)) for layer in layers["image"]]
-                try:
-                    self.run.forward_pass(task.train, lambda b: self.model.features(b.x), **kw)
+                try:  # whole (global) batches only, as the official drop_last loader
+                    self.run.forward_pass(task.train, lambda b: self.model.features(b.x), drop_last=True, **kw)
                 finally:
                     for layer, h in handles:
                         layer.remove_tap(h)

@@ -48,10 +48,11 @@ class RehearsalMethod(Method):
         if self.cfg.finetune == "lora":
             self.model.adapter.merge_all()
 
-    def memory_batch(self, rows: np.ndarray) -> Batch:
-        """The memory rows as a training batch (training transforms, each sample its own augmentation seed)."""
-        x, y = self.memory.load(rows, self.run.train_tf)
-        return Batch(self.run.prepare(x, True), y.to(self.run.device), torch.as_tensor(rows))
+    def memory_batch(self, rows: np.ndarray, keep: slice = slice(None)) -> Batch:
+        """The memory rows (`rows[keep]`) as a training batch (training transforms, each sample its own
+        augmentation seed)."""
+        x, y = self.memory.load(rows, self.run.train_tf, keep=keep)
+        return Batch(self.run.prepare(x, True), y.to(self.run.device), torch.as_tensor(rows[keep]))
 
     def seen_loss(self, batch: Batch) -> torch.Tensor:
         return self.cross_entropy(batch, self.seen)

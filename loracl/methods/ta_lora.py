@@ -133,8 +133,8 @@ class TaskArithmeticLoRA(Method):
         w = self.cfg.kl_weight
         if w == 0:
             return self.cross_entropy(batch, ids)
-        feats = self.model.features(batch.x)
-        ce = F.cross_entropy(self.model.head(feats, ids).float(), self.run.columns(batch.y, ids))
+        logits, feats = self.net(batch.x, ids, return_features=True)
+        ce = F.cross_entropy(logits.float(), self.run.columns(batch.y, ids))
         with torch.no_grad(), self.model.adapter.inactive():  # theta_pre: the task's branch off
             f_pre = self.model.features(batch.x)
         return (1 - w) * ce + w * feature_kl(f_pre, feats, self.cfg.kl_target, self.cfg.kl_reduction)

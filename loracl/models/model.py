@@ -22,9 +22,14 @@ class ContinualModel(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.features(x)
 
-    def forward(self, x: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        """Logits over `class_ids` (a 1-D tensor of global ids), columns in that order."""
-        return self.head(self.features(x), class_ids)
+    def forward(self, x: torch.Tensor, class_ids: torch.Tensor, return_features: bool = False):
+        """Logits over `class_ids` (a 1-D tensor of global ids), columns in that order; with
+        `return_features`, (logits, features). A loss that needs the features too must take them from here,
+        not from a second call of `features`: under torchrun only this forward goes through DDP, which
+        averages the gradients across processes."""
+        feats = self.features(x)
+        logits = self.head(feats, class_ids)
+        return (logits, feats) if return_features else logits
 
     def inject_lora(self, kinds: list[str], blocks: list[int] | None = None,
                     encoders: list[str] | None = None) -> LoRAAdapter:
