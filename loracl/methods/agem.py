@@ -14,8 +14,10 @@ task-arithmetic paper) random training samples of each finished task; reference 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 
+from .. import dist
 from ..data.loader import derive_seed
 from . import register
 from .rehearsal import RehearsalMethod, RehearsalOptions
@@ -51,11 +53,25 @@ class AGEM(RehearsalMethod):
         self.params = [p for ps in self.param_groups(task).values() for p in ps if p.requires_grad]
         self.g_ref = None
         if len(self.memory):
-            ref = self.memory_batch(self.memory.sample(self.cfg.sample_size))
-            grads = torch.autograd.grad(self.seen_loss(ref), self.params, allow_unused=True)
-            self.g_ref = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-                                    for g, p in zip(grads, self.params)])
+            self.g_ref = self.reference_gradient(self.memory.sample(self.cfg.sample_size))
         return self.seen_loss(batch)
+
+    def reference_gradient(self, rows) -> torch.Tensor:
+        """g_ref: the gradient of the mean loss over the memory sample `rows` (flat, fp32).
+
+        Under torchrun every process draws the same sample and takes the gradient of its contiguous share's
+        summed loss over the sample size; the sum over processes is then the single-process g_ref, at 1/world
+        of its cost. It runs on the bare model, not through DDP, whose reducer serves the step's own backward."""
+        ref = self.memory_batch(rows, keep=dist.share(len(rows)))
+        if len(ref.y):
+            logits = self.model(ref.x, self.seen)
+            loss = F.cross_entropy(logits.float(), self.run.columns(ref.y, self.seen), reduction="sum") / len(rows)
+            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        else:  # fewer memory rows than processes: this one holds none
+            grads = [None] * len(self.params)
+        g = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                       for g, p in zip(grads, self.params)])
+        return dist.all_reduce_sum_(g)
 
     @torch.no_grad()
     def after_backward(self, task):
