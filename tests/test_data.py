@@ -144,3 +144,19 @@ def test_augmentation_is_per_sample_deterministic():
     assert len(rest) == len(full) - 3
     for (xa, ya, ra), (xb, yb, rb) in zip(full[3:], rest):
         assert (xa == xb).all() and (ra == rb).all()
+
+
+@pytest.mark.parametrize("name", ["cifar100", "dtd"])  # datasets.py's torchvision loader and an MTIL one
+def test_failed_download_is_one_clear_error(tmp_path, monkeypatch, name):
+    """Offline, a torchvision download fails inside urllib: one DataError naming the dataset, the folder and
+    what to do, not a network traceback."""
+    import urllib.error
+    import urllib.request
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    spec = DatasetSpec(name=name, root=str(tmp_path / name), download=True)
+    with pytest.raises(DataError, match=rf"dataset '{name}': could not download.*{tmp_path}.*download: false"):
+        load_dataset(spec)

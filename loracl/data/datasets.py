@@ -7,6 +7,7 @@ and an unreadable file raises one DataError that names it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,6 +330,26 @@ TORCHVISION = {
 }
 
 
+@contextlib.contextmanager
+def torchvision_errors(spec: DatasetSpec, cls_name: str):
+    """The errors a user can cause while torchvision opens a data set, as one DataError line."""
+    root = Path(spec.root).expanduser()
+    try:
+        yield
+    except RuntimeError as e:  # "Dataset not found or corrupted. You can use download=True ..."
+        raise DataError(f"dataset '{spec.name}' not found under {root} ({str(e).splitlines()[0]}); set "
+                        f"'download: true' to fetch it, or point 'root' at a copy") from None
+    except ValueError as e:  # Stanford Cars: "The original URL is broken ..."
+        raise DataError(f"dataset '{spec.name}' under {root}: {str(e).splitlines()[0]} Place the data there "
+                        f"by hand (the layout torchvision's {cls_name} reads) and set 'download: false'") from None
+    except OSError as e:  # a download that could not reach its server (URLError), or a disk error
+        raise DataError(f"dataset '{spec.name}': could not download or read it under {root} ({e}); without "
+                        f"internet, place a copy there by hand (the layout torchvision's {cls_name} reads) "
+                        f"and set 'download: false'") from None
+    except ImportError as e:  # Flowers102 and Stanford Cars read .mat files with scipy
+        raise DataError(f"dataset '{spec.name}' needs the package '{e.name}' (pip install {e.name})") from None
+
+
 def torchvision_splits(spec: DatasetSpec, cls_name: str, train_kw: dict, test_kw: dict,
                        class_names: list[str] | None = None) -> DatasetSplits:
     import torchvision.datasets as tvd
@@ -337,11 +358,8 @@ def torchvision_splits(spec: DatasetSpec, cls_name: str, train_kw: dict, test_kw
     root = Path(spec.root).expanduser()
     out = []
     for kw, part in ((train_kw, "train"), (test_kw, "test")):
-        try:
+        with torchvision_errors(spec, cls_name):
             ds = cls(str(root), download=spec.download, **kw)
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted. You can use download=True"
-            raise DataError(f"dataset '{spec.name}' not found under {root} ({str(e).splitlines()[0]}); "
-                            f"set 'download: true' to fetch it, or point 'root' at a copy") from None
         out.append((ds, dataset_targets(ds)))
     names = class_names or [str(c) for c in getattr(out[0][0], "classes", [])]
     if not names:

@@ -17,7 +17,6 @@ Caltech101, EuroSAT and Flowers102, which have hand-written names. KeepLoRA prom
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ import numpy as np
 from ..config import DatasetSpec
 from ..errors import DataError
 from .datasets import (LOADERS, DatasetSplits, FileSource, ImageSet, ImageSource, TorchvisionSource,
-                       dataset_targets, random_split, register, torchvision_splits)
+                       dataset_targets, random_split, register, torchvision_errors, torchvision_splits)
 
 MTIL_ORDER_I = ["aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers102", "food101", "mnist",
                 "oxford_pets", "stanford_cars", "sun397"]
@@ -118,26 +117,10 @@ def clip_name(name: str) -> str:
     return name.replace("_", " ")
 
 
-@contextlib.contextmanager
-def _tv_errors(spec: DatasetSpec, cls_name: str):
-    """The errors a user can cause while torchvision opens a data set, as one DataError line."""
-    root = Path(spec.root).expanduser()
-    try:
-        yield
-    except RuntimeError as e:  # "Dataset not found or corrupted. You can use download=True ..."
-        raise DataError(f"dataset '{spec.name}' not found under {root} ({str(e).splitlines()[0]}); set "
-                        f"'download: true' to fetch it, or point 'root' at a copy") from None
-    except ValueError as e:  # Stanford Cars: "The original URL is broken ..."
-        raise DataError(f"dataset '{spec.name}' under {root}: {str(e).splitlines()[0]} Place the data there "
-                        f"by hand (the layout torchvision's {cls_name} reads) and set 'download: false'") from None
-    except ImportError as e:  # Flowers102 and Stanford Cars read .mat files with scipy
-        raise DataError(f"dataset '{spec.name}' needs the package '{e.name}' (pip install {e.name})") from None
-
-
 def _tv(spec: DatasetSpec, cls_name: str, **kw):
     import torchvision.datasets as tvd
 
-    with _tv_errors(spec, cls_name):
+    with torchvision_errors(spec, cls_name):
         return getattr(tvd, cls_name)(str(Path(spec.root).expanduser()), download=spec.download, **kw)
 
 
@@ -159,7 +142,7 @@ def _official(spec: DatasetSpec, key: str, cls_name: str, train_kw: dict, test_k
 
         if importlib.util.find_spec(needs) is None:
             raise DataError(f"dataset '{spec.name}' needs the package '{needs}' (pip install {needs})")
-    with _tv_errors(spec, cls_name):
+    with torchvision_errors(spec, cls_name):
         ds = torchvision_splits(spec, cls_name, train_kw, test_kw)
     return _finish(ds, key)
 
