@@ -15,6 +15,8 @@ COLUMNS = [
     ("final_acc_task_avg", "final acc (task avg)"),
     ("final_acc_task_aware", "task-aware final acc"),
     ("avg_inc_acc", "avg inc acc"),
+    ("learning_acc", "learning acc"),
+    ("learning_acc_task_aware", "task-aware learning acc"),
     ("forgetting", "forgetting"),
     ("bwt", "BWT"),
     ("transfer", "Transfer"),
@@ -62,6 +64,18 @@ def _config_key(run: Path) -> str:
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def _derive_metrics(r: dict) -> None:
+    """Metrics that are functions of the stored accuracy matrices alone, filled in for runs written before
+    loracl reported them (so old and new seeds of one experiment compare on every column)."""
+    from .metrics import learning_acc
+
+    m = r["metrics"]
+    for key, matrix in (("learning_acc", "acc_matrix"), ("learning_acc_task_aware", "acc_matrix_task_aware")):
+        if m.get(key) is None and r.get(matrix) is not None and r.get("status") == "complete":
+            v = learning_acc(r[matrix])
+            m[key] = None if v is None else round(v, 4)
+
+
 def _mean_std(xs):
     xs = [x for x in xs if x is not None]
     if not xs:
@@ -76,6 +90,7 @@ def summarize(runs: list[Path]) -> list[dict]:
         r = json.loads((run / "results.json").read_text())
         if r.get("status") != "complete":
             continue
+        _derive_metrics(r)
         key = (r["benchmark"], r["method"], _config_key(run))
         groups.setdefault(key, []).append(r)
         where.setdefault(key, set()).add(run.parent.name if run.name.startswith("seed") else run.name)

@@ -52,6 +52,13 @@ def avg_inc_acc(a: Matrix, n: list[int], weighted: bool = True) -> Optional[floa
     return None if any(v is None for v in vals) else sum(vals) / len(vals)
 
 
+def learning_acc(a: Matrix) -> Optional[float]:
+    """Learning accuracy (Riemer et al., ICLR 2019): mean over tasks of a[i][i], each task's accuracy right
+    after it is learned. How well a method learns, apart from what it forgets later (plasticity)."""
+    diag = [a[i][i] for i in range(len(a))]
+    return None if not diag or any(x is None for x in diag) else sum(diag) / len(diag)
+
+
 def forgetting(a: Matrix) -> Optional[float]:
     """Mean over old tasks of (best accuracy before the last task) - (final accuracy) (Chaudhry et al. 2018)."""
     T = len(a)
@@ -120,6 +127,7 @@ def all_metrics(a: Matrix, n: list[int], kind: str, before: Optional[list] = Non
         "final_acc_task_avg": final_acc_task_avg(a),
         "avg_inc_acc": avg_inc_acc(a, n, weighted=True),
         "avg_inc_acc_task_avg": avg_inc_acc(a, n, weighted=False),
+        "learning_acc": learning_acc(a),
         "forgetting": forgetting(a),
         "bwt": bwt(a),
         "fwt": fwt(a, before),

@@ -23,6 +23,8 @@ METRIC_LABELS = {
     "final_acc_task_avg": "final accuracy, task-averaged (%)",
     "avg_inc_acc": "average incremental accuracy, sample-weighted (%)",
     "avg_inc_acc_task_avg": "average incremental accuracy, task-averaged (%)",
+    "learning_acc": "learning accuracy: each task right after it is learned (%)",
+    "learning_acc_task_aware": "learning accuracy, task-aware (%)",
     "forgetting": "forgetting (points)",
     "bwt": "backward transfer (points)",
     "final_acc_task_aware": "final accuracy, task-aware: each task over its own classes (%)",

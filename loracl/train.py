@@ -31,7 +31,7 @@ from .data.transforms import build_transforms, crop_fraction
 from .errors import ConfigError, LoraclError, TrainingDiverged
 from .flops import FlopMeter
 from .methods import Batch, get_method
-from .metrics import all_metrics, final_acc_task_avg
+from .metrics import all_metrics, final_acc_task_avg, learning_acc
 from .models.model import ContinualModel, build_model
 
 
@@ -632,7 +632,9 @@ class Runner:
         aware = self.results.get("acc_matrix_task_aware")
         if aware is not None and aware[T - 1][0] is not None:
             # task-incremental accuracy (task identity given at test time), beside the class-incremental one
-            m["final_acc_task_aware"] = round(final_acc_task_avg([row[:T] for row in aware[:T]]), 4)
+            aware = [row[:T] for row in aware[:T]]
+            m["final_acc_task_aware"] = round(final_acc_task_avg(aware), 4)
+            m["learning_acc_task_aware"] = round(learning_acc(aware), 4)
         if self.results["retention"] is not None:
             per = [v for v in self.results["retention"]["per_task"] if v is not None]
             m["pretrained_retention"] = per[-1] if per else None

@@ -29,6 +29,11 @@ def test_forgetting_uses_best_earlier_accuracy():
     assert M.forgetting(A) == pytest.approx((30 + 5) / 2)
 
 
+def test_learning_accuracy_is_the_diagonal():
+    assert M.learning_acc(A) == pytest.approx((90 + 80 + 85) / 3)
+    assert M.learning_acc([[90.0, None], [70.0, None]]) is None  # a task never evaluated after learning it
+
+
 def test_backward_and_forward_transfer():
     assert M.bwt(A) == pytest.approx(((60 - 90) + (75 - 80)) / 2)
     full = [[50.0, 40.0, 30.0], [55.0, 60.0, 35.0], [52.0, 58.0, 70.0]]
@@ -54,7 +59,7 @@ def test_mtil_transfer_average_last():
 def test_all_metrics_rounds_and_names():
     m = M.all_metrics(A, N, "class-incremental")
     assert m["final_acc"] == 73.75
-    assert set(m) >= {"final_acc", "final_acc_task_avg", "avg_inc_acc", "forgetting", "bwt", "fwt"}
+    assert set(m) >= {"final_acc", "final_acc_task_avg", "avg_inc_acc", "learning_acc", "forgetting", "bwt", "fwt"}
     assert "transfer" not in m
     assert {"transfer", "average", "last"} <= set(M.all_metrics(A, N, "cross-dataset"))
 
@@ -63,3 +68,15 @@ def test_single_task():
     a = [[88.0]]
     assert M.forgetting(a) == 0.0 and M.bwt(a) == 0.0
     assert M.final_acc(a, [10]) == 88.0
+
+
+def test_compare_derives_learning_accuracy_for_older_runs():
+    from loracl.compare import _derive_metrics
+
+    r = {"status": "complete", "acc_matrix": A, "acc_matrix_task_aware": [[95.0, None], [90.0, 85.0]],
+         "metrics": {"final_acc": 73.75}}
+    _derive_metrics(r)
+    assert r["metrics"]["learning_acc"] == pytest.approx(85.0) and r["metrics"]["learning_acc_task_aware"] == 90.0
+    r = {"status": "complete", "acc_matrix": A, "metrics": {"learning_acc": 1.0}}
+    _derive_metrics(r)
+    assert r["metrics"]["learning_acc"] == 1.0 and r["metrics"].get("learning_acc_task_aware") is None  # kept
