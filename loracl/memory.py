@@ -49,7 +49,8 @@ class EpisodicMemory:
     """Rows of the scenario's training pool kept for rehearsal, with the policies above."""
 
     def __init__(self, tasks):
-        self.pool = ImageSet.concat([t.train for t in tasks])
+        self.task_sets = [t.train for t in tasks]
+        self.pool = ImageSet.concat(self.task_sets)
         self.offsets = np.cumsum([0] + [len(t.train) for t in tasks])
         self.rows = np.zeros(0, dtype=np.int64)
         self.candidates: dict[tuple[int, int], np.ndarray] = {}  # (task, class) -> rows, seeded order
@@ -123,6 +124,22 @@ class EpisodicMemory:
         rows = rows[keep]
         xs = [ts[(int(r), s)][0] for r, s in zip(rows, seeds)]
         return torch.stack(xs), torch.as_tensor(self.pool.targets[rows], dtype=torch.long)
+
+    def gather(self, rows: np.ndarray, decoded_rows) -> torch.Tensor | None:
+        """uint8 images of pool `rows`, in order, gathered from each task's decoded training set with
+        `decoded_rows(train_set, local_rows)` (the run's tensor pipeline); None where a task's set is not
+        decoded or the sets are stored at different sizes (then `load` reads them with PIL)."""
+        task_of = np.searchsorted(self.offsets, rows, side="right") - 1
+        out = None
+        for t in np.unique(task_of):
+            sel = np.nonzero(task_of == t)[0]
+            part = decoded_rows(self.task_sets[t], rows[sel] - self.offsets[t])
+            if part is None or (out is not None and part.shape[1:] != out.shape[1:]):
+                return None
+            if out is None:
+                out = part.new_empty((len(rows),) + tuple(part.shape[1:]))
+            out[torch.as_tensor(sel, device=part.device)] = part
+        return out
 
     # ---- resume ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -251,11 +251,26 @@ class Runner:
         aug = self._augment[train]
         sampler = EpochBatches(len(images), bs, seed, shuffle, start, drop_last, augment=False,
                                equal_steps=equal_steps)
-        for b, items in enumerate(sampler, start=start):
-            rows = torch.tensor([r for r, _ in items], dtype=torch.long)
+        for b, mine, lo, total in sampler.shares():
+            rows = torch.tensor(mine, dtype=torch.long)
             gen = torch.Generator().manual_seed(derive_seed(seed, b)) if train else None
-            x = aug(dec.rows(rows).to(self.device, non_blocking=True), gen)
+            # parameters drawn for the global batch, this process's positions taken: as on one process
+            x = aug(dec.rows(rows).to(self.device, non_blocking=True), gen, lo, total)
             yield x, dec.targets[rows].to(self.device, non_blocking=True), rows
+
+    def decoded_rows(self, images: ImageSet, rows) -> torch.Tensor | None:
+        """uint8 images `rows` of `images` on the device, from the tensor pipeline's decoded copy of the set;
+        None when the pipeline is off or the set is read with PIL."""
+        dec = self._decoded(images) if self._tensor_pipeline() else None
+        if dec is None:
+            return None
+        return dec.rows(torch.as_tensor(rows, dtype=torch.long)).to(self.device, non_blocking=True)
+
+    def augment(self, u8: torch.Tensor, train: bool, generator: torch.Generator | None, lo: int = 0,
+                total: int | None = None) -> torch.Tensor:
+        """The tensor pipeline's training (or test) views of a uint8 batch from `decoded_rows`, which holds
+        positions lo.. of a batch of `total` (see `BatchAugment`)."""
+        return self._augment[train](u8, generator, lo, total)
 
     def num_batches(self, images: ImageSet, batch_size: int, drop_last: bool = False) -> int:
         from .data.loader import EpochBatches
@@ -634,7 +649,8 @@ class Runner:
             # task-incremental accuracy (task identity given at test time), beside the class-incremental one
             aware = [row[:T] for row in aware[:T]]
             m["final_acc_task_aware"] = round(final_acc_task_avg(aware), 4)
-            m["learning_acc_task_aware"] = round(learning_acc(aware), 4)
+            la = learning_acc(aware)  # None where tasks are not scored one by one as learned (joint)
+            m["learning_acc_task_aware"] = None if la is None else round(la, 4)
         if self.results["retention"] is not None:
             per = [v for v in self.results["retention"]["per_task"] if v is not None]
             m["pretrained_retention"] = per[-1] if per else None

@@ -18,7 +18,7 @@ def _run(out, nproc, sets, method="seq-lora"):
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + cmd[1:]
     for s in sets:
-        cmd += ["--set", s]
+        cmd += ["--set", s.replace("@OUT@", str(out))]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     # a failing process's own traceback comes first in stderr, the launcher's summary last
@@ -42,6 +42,9 @@ CASES = {
     # the replay share of the global batch, the reservoir fed with every process's new samples
     "er-reservoir": ("er", [SMALL, "method.policy=reservoir"] + SGD, None),
     "agem": ("agem", [SMALL] + SGD, None),
+    # the tensor pipeline: every process decodes whole sets (here: rank 0 writes the memory-mapped cache, the
+    # others map it), augmentation parameters drawn for the global batch, replay samples from decoded copies
+    "er-tensor": ("er", [SMALL, "data.pipeline=tensor", "data.cache_dir=@OUT@/decoded"] + SGD, None),
 }
 
 

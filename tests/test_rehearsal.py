@@ -203,3 +203,29 @@ def test_agem_and_joint_full_runs(tmp_path):
     res = Runner(cfg, tmp_path / "joint-full", progress=False, log=_quiet()).run()
     assert res["acc_matrix"][1][0] is not None and res["acc_matrix"][1][1] is not None
     assert res["cost"]["trainable_params_per_task"][1] > 1_000_000  # the whole backbone, not a LoRA
+
+
+@needs_data
+@pytest.mark.parametrize("method", ["er", "agem"])
+def test_memory_batches_through_the_tensor_pipeline_match_pil(tmp_path, method):
+    """With the tensor pipeline, replay samples come from the decoded copies of every task's training set (no
+    PIL decode per step): the same images and targets as the PIL path (test views: nothing random), in the
+    rows' order, across tasks."""
+    runs = {p: _runner(tmp_path / p, method, ["data.train_augment=none", f"data.pipeline={p}"])
+            for p in ("pil", "tensor")}
+    for run in runs.values():
+        run.method.setup()
+    rows = None
+    got = {}
+    for p, run in runs.items():
+        mem = run.method.memory
+        if rows is None:  # rows from both tasks, out of order
+            rows = np.array([mem.offsets[1] + 5, mem.offsets[0] + 1, mem.offsets[1] + 7, mem.offsets[0] + 3])
+        got[p] = run.method.memory_batch(rows)
+    assert torch.equal(got["tensor"].y, got["pil"].y)
+    assert torch.allclose(got["tensor"].x, got["pil"].x, atol=1e-6)
+    assert runs["tensor"].method.memory.gather(rows, runs["tensor"].decoded_rows) is not None
+    assert runs["pil"].method.memory.gather(rows, runs["pil"].decoded_rows) is None
+    # a process's share equals its slice of the whole batch
+    part = runs["tensor"].method.memory_batch(rows, keep=slice(1, 3))
+    assert torch.equal(part.y, got["tensor"].y[1:3])

@@ -54,9 +54,10 @@ class EpochBatches(Sampler):
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool, start: int = 0,
-                 drop_last: bool = False, augment: bool = True, equal_steps: bool = False):
+                 drop_last: bool = False, augment: bool = True, equal_steps: bool = False, split: bool = True):
         self.n, self.bs, self.seed, self.shuffle = n, batch_size, seed, shuffle
         self.start, self.drop_last, self.augment, self.equal_steps = start, drop_last, augment, equal_steps
+        self.split = split  # False: every process reads every batch whole (decoding a data set once per process)
 
     def order(self) -> torch.Tensor:
         if not self.shuffle:
@@ -70,16 +71,21 @@ class EpochBatches(Sampler):
     def __len__(self):
         return max(self.num_batches() - self.start, 0)
 
-    def __iter__(self):
+    def shares(self):
+        """(batch index, this process's rows, their offset in the global batch, the global batch's size)."""
         order = self.order().tolist()
         for b in range(self.start, self.num_batches()):
             chunk = order[b * self.bs:(b + 1) * self.bs]
-            part = dist.share(len(chunk))
+            part = dist.share(len(chunk)) if self.split else slice(0, len(chunk))
             lo, mine = part.start, chunk[part]
             if not mine:
                 if not self.equal_steps:
                     continue
                 mine, lo = chunk[-1:], len(chunk) - 1
+            yield b, mine, lo, len(chunk)
+
+    def __iter__(self):
+        for b, mine, lo, _ in self.shares():
             if self.augment:
                 yield [(r, derive_seed(self.seed, b * self.bs + lo + j)) for j, r in enumerate(mine)]
             else:
@@ -88,8 +94,8 @@ class EpochBatches(Sampler):
 
 def make_loader(images: ImageSet, transform, batch_size: int, *, seed: int = 0, shuffle: bool = False,
                 start: int = 0, num_workers: int = 0, augment: bool = True, pin_memory: bool = False,
-                drop_last: bool = False, equal_steps: bool = False) -> DataLoader:
-    sampler = EpochBatches(len(images), batch_size, seed, shuffle, start, drop_last, augment, equal_steps)
+                drop_last: bool = False, equal_steps: bool = False, split: bool = True) -> DataLoader:
+    sampler = EpochBatches(len(images), batch_size, seed, shuffle, start, drop_last, augment, equal_steps, split)
     # an own generator: without one, every new iterator draws its base seed from the global RNG, so a run
     # resumed mid-epoch (global RNG restored, then a new iterator) would draw dropout / replay samples
     # from a shifted stream

@@ -28,6 +28,7 @@ from PIL import Image
 from torchvision.ops import roi_align
 from torchvision.transforms import CenterCrop, Resize
 
+from .. import dist
 from .datasets import ImageSet
 from .loader import make_loader
 from .transforms import Pipeline, _interp
@@ -48,6 +49,14 @@ def storage_size(images: ImageSet, size: int, crop_pct: float, sample: int = 32)
     return int(min(target, max(sides)))
 
 
+def _decode_into(data: torch.Tensor, images: ImageSet, geo: Pipeline, workers: int) -> None:
+    """Every image of `images`, in order, through `geo` into `data` (all of them, in every process)."""
+    k = 0
+    for x, _, _ in make_loader(images, geo, 256, num_workers=workers, augment=False, split=False):
+        data[k:k + len(x)] = x
+        k += len(x)
+
+
 class DecodedImages:
     """All images of an ImageSet as one uint8 tensor (N, 3, S, S), decoded once."""
 
@@ -61,26 +70,22 @@ class DecodedImages:
         if cache_dir:
             key = hashlib.sha1(f"{images.fingerprint()}-{store}-{interpolation}-{squash}".encode()).hexdigest()[:20]
             path = Path(cache_dir).expanduser() / f"{key}.u8"
-        if path is not None and path.exists() and path.stat().st_size == nbytes:
-            data = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=(n, 3, store, store)))
-        else:
-            interp = _interp(interpolation)
-            geo = Pipeline([Resize((store, store), interpolation=interp)] if squash else
-                           [Resize(store, interpolation=interp), CenterCrop(store)])
-            if path is not None:
+        interp = _interp(interpolation)
+        geo = Pipeline([Resize((store, store), interpolation=interp)] if squash else
+                       [Resize(store, interpolation=interp), CenterCrop(store)])
+        shape = (n, 3, store, store)
+        if path is None:  # under torchrun every process decodes the whole set into its own memory
+            data = torch.empty(shape, dtype=torch.uint8)
+            _decode_into(data, images, geo, workers)
+        else:  # one process writes the file, then every process maps it
+            if dist.is_main() and not (path.exists() and path.stat().st_size == nbytes):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                mm = np.memmap(path.with_suffix(".tmp"), dtype=np.uint8, mode="w+", shape=(n, 3, store, store))
-                data = torch.from_numpy(mm)
-            else:
-                data = torch.empty(n, 3, store, store, dtype=torch.uint8)
-            k = 0
-            for x, _, _ in make_loader(images, geo, 256, num_workers=workers, augment=False):
-                data[k:k + len(x)] = x
-                k += len(x)
-            if path is not None:
+                mm = np.memmap(path.with_suffix(".tmp"), dtype=np.uint8, mode="w+", shape=shape)
+                _decode_into(torch.from_numpy(mm), images, geo, workers)
                 mm.flush()
                 path.with_suffix(".tmp").rename(path)
-                data = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=(n, 3, store, store)))
+            dist.barrier()
+            data = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", shape=shape))
         if device.type == "cuda" and nbytes <= device_budget:
             data = data.to(device)
         self.data = data
@@ -142,17 +147,22 @@ class BatchAugment:
                 off = float(int(round(off)))
         return torch.tensor([[off, off, off + keep, off + keep]]).expand(n, 4)
 
-    def __call__(self, u8: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    def __call__(self, u8: torch.Tensor, gen: torch.Generator | None, lo: int = 0,
+                 total: int | None = None) -> torch.Tensor:
+        """Views of `u8`, which holds positions lo .. lo + len(u8) of a batch of `total` (default: all of it).
+        Random parameters are drawn for the whole batch and these positions' are used, so a process that
+        augments its share of a global batch gets what a single process gets for those images."""
         n, side = len(u8), u8.shape[-1]
+        total, pick = total or n, slice(lo, lo + n)
         x = u8.float()
         kind = self.kind if gen is not None else "none"
         if kind == "rrc_flip":
-            x = _crop_resize(x, rrc_params(n, side, gen), self.size)
+            x = _crop_resize(x, rrc_params(total, side, gen)[pick], self.size)
         elif kind == "crop_flip":
             x = _crop_resize(x, torch.tensor([[0.0, 0.0, side, side]]).expand(n, 4), self.size)
             p = max(self.size // 8, 1)
             x = F.pad(x, (p, p, p, p))
-            off = torch.randint(0, 2 * p + 1, (n, 2), generator=gen).to(x.device)
+            off = torch.randint(0, 2 * p + 1, (total, 2), generator=gen)[pick].to(x.device)
             ar = torch.arange(self.size, device=x.device)
             rows = (off[:, 0, None] + ar)[:, None, :, None].expand(n, 3, self.size, self.size + 2 * p)
             x = x.gather(2, rows)
@@ -161,6 +171,6 @@ class BatchAugment:
         elif side != self.size or self.crop_pct < 1.0:
             x = _crop_resize(x, self.test_boxes(n, side), self.size)
         if kind in ("flip", "crop_flip", "rrc_flip"):
-            flip = (torch.rand(n, generator=gen) < 0.5).to(x.device)
+            flip = (torch.rand(total, generator=gen) < 0.5)[pick].to(x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return self.pipeline.finish(x.clamp_(0, 255).round_().to(torch.uint8) if x.dtype != torch.uint8 else x)

@@ -49,8 +49,16 @@ class RehearsalMethod(Method):
             self.model.adapter.merge_all()
 
     def memory_batch(self, rows: np.ndarray, keep: slice = slice(None)) -> Batch:
-        """The memory rows (`rows[keep]`) as a training batch (training transforms, each sample its own
-        augmentation seed)."""
+        """The memory rows (`rows[keep]`) as a training batch, with training transforms. With the tensor
+        pipeline they come from the decoded copies on the device and are augmented there, as positions of the
+        batch `rows` with one seed drawn alike in every process; otherwise PIL, one seed per sample."""
+        mine = range(len(rows))[keep]
+        u8 = self.memory.gather(rows[keep], self.run.decoded_rows) if len(mine) else None
+        if u8 is not None:
+            gen = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
+            x = self.run.augment(u8, True, gen, mine.start, len(rows))
+            y = torch.as_tensor(self.memory.pool.targets[rows[keep]], dtype=torch.long, device=self.run.device)
+            return Batch(x, y, torch.as_tensor(rows[keep]))
         x, y = self.memory.load(rows, self.run.train_tf, keep=keep)
         return Batch(self.run.prepare(x, True), y.to(self.run.device), torch.as_tensor(rows[keep]))
 
