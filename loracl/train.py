@@ -248,14 +248,13 @@ class Runner:
             return
         from .data.loader import EpochBatches
 
-        aug = self._augment[train]
         sampler = EpochBatches(len(images), bs, seed, shuffle, start, drop_last, augment=False,
                                equal_steps=equal_steps)
         for b, mine, lo, total in sampler.shares():
             rows = torch.tensor(mine, dtype=torch.long)
             gen = torch.Generator().manual_seed(derive_seed(seed, b)) if train else None
             # parameters drawn for the global batch, this process's positions taken: as on one process
-            x = aug(dec.rows(rows).to(self.device, non_blocking=True), gen, lo, total)
+            x = self.augment(dec.rows(rows).to(self.device, non_blocking=True), train, gen, lo, total)
             yield x, dec.targets[rows].to(self.device, non_blocking=True), rows
 
     def decoded_rows(self, images: ImageSet, rows) -> torch.Tensor | None:

@@ -229,3 +229,13 @@ def test_memory_batches_through_the_tensor_pipeline_match_pil(tmp_path, method):
     # a process's share equals its slice of the whole batch
     part = runs["tensor"].method.memory_batch(rows, keep=slice(1, 3))
     assert torch.equal(part.y, got["tensor"].y[1:3])
+
+
+@needs_data
+def test_an_empty_share_of_the_memory_is_an_empty_batch(tmp_path):
+    """Under torchrun a process can hold none of a small replay sample: an empty batch of the model's input
+    shape, not a crash."""
+    run = _runner(tmp_path, "er")
+    run.method.setup()
+    b = run.method.memory_batch(np.array([3], dtype=np.int64), keep=slice(1, 1))
+    assert b.x.shape == (0, 3, 32, 32) and b.y.shape == (0,)

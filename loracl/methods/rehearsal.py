@@ -53,7 +53,12 @@ class RehearsalMethod(Method):
         pipeline they come from the decoded copies on the device and are augmented there, as positions of the
         batch `rows` with one seed drawn alike in every process; otherwise PIL, one seed per sample."""
         mine = range(len(rows))[keep]
-        u8 = self.memory.gather(rows[keep], self.run.decoded_rows) if len(mine) else None
+        if not len(mine):  # fewer memory rows than processes: this one holds none
+            s = self.model.backbone.data_config()["size"]
+            empty = torch.zeros(0, 3, s, s, dtype=torch.uint8)
+            return Batch(self.run.prepare(empty, True), torch.zeros(0, dtype=torch.long, device=self.run.device),
+                         torch.as_tensor(rows[keep]))
+        u8 = self.memory.gather(rows[keep], self.run.decoded_rows)
         if u8 is not None:
             gen = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
             x = self.run.augment(u8, True, gen, mine.start, len(rows))
