@@ -71,7 +71,7 @@ def _derive_metrics(r: dict) -> None:
 
     m = r["metrics"]
     for key, matrix in (("learning_acc", "acc_matrix"), ("learning_acc_task_aware", "acc_matrix_task_aware")):
-        if m.get(key) is None and r.get(matrix) is not None and r.get("status") == "complete":
+        if m.get(key) is None and r.get(matrix) is not None:
             v = learning_acc(r[matrix])
             m[key] = None if v is None else round(v, 4)
 
