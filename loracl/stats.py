@@ -48,3 +48,38 @@ def layer_input_moments(layers: list[LoRALayer], dtype: torch.dtype = torch.floa
     finally:
         for layer, h in handles:
             layer.remove_tap(h)
+
+
+class _Reached(Exception):
+    """Raised by a tap of `forward_until` once every tapped layer has seen its input."""
+
+
+@contextlib.contextmanager
+def forward_until(layers: list[LoRALayer]):
+    """Within the block, `run(forward)` calls forward() and ends it as soon as every layer of `layers` has seen
+    its input in that call: a statistics pass needs nothing that later layers compute (InfLoRA-b5 adapts the
+    first 5 of 12 blocks). Enter it after the statistics taps, so that they see the last input first. A
+    forward that does not reach every layer (a text-encoder layer in an image pass) runs whole."""
+    left: set[int] = set()
+
+    def make_tap(layer):
+        def tap(_x):
+            left.discard(id(layer))
+            if not left:
+                raise _Reached
+        return tap
+
+    handles = [(layer, layer.add_tap(make_tap(layer))) for layer in layers]
+
+    def run(forward) -> None:
+        left.update(id(layer) for layer in layers)
+        try:
+            forward()
+        except _Reached:
+            pass
+
+    try:
+        yield run
+    finally:
+        for layer, h in handles:
+            layer.remove_tap(h)

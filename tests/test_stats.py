@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from loracl.stats import SecondMoment, layer_input_moments
+from loracl.models.lora import LoRALayer
+from loracl.stats import SecondMoment, forward_until, layer_input_moments
 
 
 def _tokens(n=37, t=5, d=6, seed=0):
@@ -56,6 +57,36 @@ def test_layer_taps_batch_size_invariant(tiny_vit):
         ref = H.t() @ H / H.shape[0]
         for r in results:
             torch.testing.assert_close(r[id(l)].double(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_forward_until_stops_after_the_last_tapped_layer(tiny_vit):
+    """A pass over block 0's layers ends before block 1 runs, and gathers the moments a whole forward gathers;
+    a forward that never reaches one of the layers runs whole."""
+    from loracl.models.backbones import TimmViT
+
+    bb = TimmViT.__new__(TimmViT)
+    torch.nn.Module.__init__(bb)
+    bb.model = tiny_vit
+    ad = bb.inject_lora(["k", "v", "fc1"], blocks=[0])
+    images = torch.randn(7, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    calls = []
+    hook = tiny_vit.blocks[1].register_forward_pre_hook(lambda m, a: calls.append(len(a[0])))
+    elsewhere = LoRALayer(torch.nn.Linear(4, 4), "weight", {"all": (0, 4)})  # in no forward of tiny_vit
+    with torch.no_grad():
+        with layer_input_moments(ad.layers) as whole:
+            tiny_vit(images)
+        assert calls == [7]
+        with layer_input_moments(ad.layers) as cut, forward_until(ad.layers) as run:
+            run(lambda: tiny_vit(images))
+        assert calls == [7]  # block 1 never ran
+        with forward_until(ad.layers + [elsewhere]) as run:
+            run(lambda: tiny_vit(images[:2]))
+        assert calls == [7, 2]
+    hook.remove()
+    assert all(not layer.taps for layer in ad.layers + [elsewhere])
+    for layer in ad.layers:
+        assert int(cut[layer].count) == int(whole[layer].count) > 0
+        torch.testing.assert_close(cut[layer].finalize(), whole[layer].finalize())
 
 
 def _worker(rank, world, init_file, X, out_file):

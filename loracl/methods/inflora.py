@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from ..errors import LoraclError
-from ..stats import layer_input_moments
+from ..stats import forward_until, layer_input_moments
 from ..subspace import INV_SQRT3, DualGPM, psd_sqrt
 from . import register
 from .base import LoRAOptions, Method
@@ -162,11 +162,14 @@ class InfLoRA(Method):
         self.model.eval()
         dev = self.run.device.type
 
-        def fn(batch):
-            with torch.autocast(dev, enabled=False):
-                self.model.features(batch.x)
+        layers = list(self.layers.values())
+        image_layers = [layer for layer in layers if self.model.adapter.sites_of(layer)[0].encoder != "text"]
 
-        with layer_input_moments(list(self.layers.values())) as acc:
+        with layer_input_moments(layers) as acc, forward_until(image_layers) as run:
+            def fn(batch):
+                with torch.autocast(dev, enabled=False):
+                    run(lambda: self.model.features(batch.x))
+
             self.run.forward_pass(task.train, fn, desc=desc, train_transform=self.run.cfg.data.stats_augment)
             self.text_pass(task)
         self.model.train(was_training)
