@@ -4,11 +4,12 @@ on the pretrained ViT fixture, over real images of ../shared/data."""
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import DATA, smoke_sets
 from loracl.config import load_config
 from loracl.errors import ConfigError
-from loracl.methods.keeplora import residual_factors
+from loracl.methods.keeplora import ClassMeans, residual_factors
 from loracl.subspace import energy_rank, gpm_extend, gpm_first, principal_basis, project_onto, psd_sqrt
 from loracl.train import Runner
 
@@ -207,6 +208,30 @@ def test_gradient_estimate_is_the_dataset_mean_and_holds_one_gradient_set(tmp_pa
 
 
 @pytest.mark.shared
+def test_plus_class_means_from_the_gradient_pass_equal_a_separate_pass(tmp_path):
+    """KeepLoRA+ takes the class means from the gradient pass's forward (same images, same function) unless
+    the gradient sees a subset; both give the rows a pass of their own gives."""
+    for grad_batches, shared in ((None, True), (1, False)):
+        r = _runner(tmp_path / str(grad_batches), method="keeplora+", n_train=40,
+                    **{"method.grad_batches": grad_batches, "data.batch_size": 16,
+                       "data.train_augment": "none"})  # the two passes draw their own crops otherwise
+        _start(r)
+        m, task = r.method, r.scenario.tasks[0]
+        r.current_task = task
+        passes = []
+        orig = r.forward_pass
+        r.forward_pass = lambda images, fn, **k: (passes.append(k["desc"]), orig(images, fn, **k))
+        m.begin_task(task)
+        assert ("keeplora+-class-means" in passes) != shared, passes
+        ref = ClassMeans(m, task)
+        orig(task.train, lambda b: ref.add(r.model.features(b.x), b.y), desc="reference")
+        got = m.cosine.chunk_of(task.class_ids).weight.detach()
+        want = ref.rows()
+        assert want.shape == (len(task.class_ids), r.model.backbone.feature_dim)
+        torch.testing.assert_close(F.normalize(got, dim=-1), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.shared
 def test_end_to_end_keeplora_plus_on_clip(tmp_path):
     """The whole loop (KeepLoRA+ runs every step of KeepLoRA), then a resume after the last task."""
     res = _runner(tmp_path / "keeplora+", method="keeplora+", n_train=32, **{"eval.max_per_task": 20}).run()
@@ -215,7 +240,8 @@ def test_end_to_end_keeplora_plus_on_clip(tmp_path):
     assert all(v is not None for row in res["acc_matrix"] for v in row)  # upper triangle: zero-shot transfer
     assert mt["transfer"] is not None and mt["average"] is not None and mt["last"] is not None
     phases = res["cost"]["phase_seconds_per_task"][0]
-    assert {"train", "keeplora-gradient", "keeplora-features", "keeplora+-class-means"} <= set(phases)
+    assert {"train", "keeplora-gradient", "keeplora-features"} <= set(phases)
+    assert "keeplora+-class-means" not in phases  # the gradient pass saw every image: its forward gave the means
     # resuming after the last task restores the bases and KeepLoRA+'s five cosine chunks
     done = _runner(tmp_path / "keeplora+", method="keeplora+")
     r = Runner(done.cfg, tmp_path / "keeplora+", resume=True, progress=False, log=lambda *a, **k: None)

@@ -38,7 +38,7 @@ from .. import dist
 from ..data.loader import derive_seed
 from ..errors import ConfigError
 from ..models.heads import LinearHead
-from ..stats import layer_input_moments
+from ..stats import forward_until, layer_input_moments
 from ..subspace import gpm_extend, gpm_first, principal_basis, project_out, psd_sqrt, randomized_svd
 from . import register
 from .base import LoRAOptions, Method
@@ -102,6 +102,28 @@ class BatchMeanFeatures:
         return dist.all_reduce_sum_(g)
 
 
+class ClassMeans:
+    """Per-class sums of the normalised image features of a task, summed over processes -> normalised means."""
+
+    def __init__(self, method, task):
+        self.run = method.run
+        self.ids = self.run.class_tensor(list(task.class_ids))
+        dim = method.model.backbone.feature_dim
+        self.sums = torch.zeros(len(self.ids), dim, device=self.run.device, dtype=torch.float64)
+        self.counts = torch.zeros(len(self.ids), device=self.run.device, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, feats: torch.Tensor, y: torch.Tensor) -> None:
+        k = self.run.columns(y, self.ids)
+        self.sums.index_add_(0, k, F.normalize(feats.float(), dim=-1).double())
+        self.counts.index_add_(0, k, torch.ones_like(k, dtype=torch.float64))
+
+    def rows(self) -> torch.Tensor:
+        dist.all_reduce_sum_(self.sums)
+        dist.all_reduce_sum_(self.counts)
+        return F.normalize((self.sums / self.counts.clamp(min=1).unsqueeze(1)).float(), dim=-1)
+
+
 @register
 class KeepLoRA(Method):
     """KeepLoRA: LoRA initialised from the task gradient projected off the principal and learnt subspaces."""
@@ -149,11 +171,15 @@ class KeepLoRA(Method):
     # ---- per task ------------------------------------------------------------------------------------
     def begin_task(self, task):
         self.add_task_classes(task)
-        grads = self.estimate_gradients(task)
+        means = ClassMeans(self, task) if self.plus else None
+        # KeepLoRA+'s class means need the features of the same function the gradient pass computes: when
+        # that pass sees every training image, its forward gives them (one pass over the task instead of two)
+        shared = means is not None and self.gradient_rows(task) is None
+        grads = self.estimate_gradients(task, means if shared else None)
         self.residual_gradient_init(grads)
         del grads
         if self.plus:
-            self.init_cosine_head(task)
+            self.init_cosine_head(task, means, done=shared)
         self.model.set_trainable("lora+head")
 
     def gradient_rows(self, task) -> np.ndarray | None:
@@ -166,12 +192,13 @@ class KeepLoRA(Method):
         perm = np.random.default_rng(derive_seed(self.run.cfg.seed, "keeplora-gradient", task.index)).permutation(n)
         return np.sort(perm[: k * bs])
 
-    def estimate_gradients(self, task) -> dict:
+    def estimate_gradients(self, task, means: ClassMeans | None = None) -> dict:
         """Mean gradient of the task's cross-entropy w.r.t. every adapted weight, no LoRA live (step 2).
 
         Only the adapted weights require grad: their gradient is the same as with every encoder weight
         trainable (the official code), and the per-batch gradients accumulate in place in `.grad`, so the
-        pass holds one set of full-weight gradients whatever the number of batches."""
+        pass holds one set of full-weight gradients whatever the number of batches. `means`, if given, also
+        collects the image features of the same forward."""
         self.model.set_trainable("none")
         weights = []
         for layer in self.model.adapter.layers:
@@ -186,8 +213,11 @@ class KeepLoRA(Method):
         ids = self.run.train_classes(task)
 
         def accumulate(b):
+            logits, feats = self.net(b.x, ids, return_features=True)
+            if means is not None:
+                means.add(feats.detach(), b.y)
             # dataset mean: each batch weighted by its size (the official loader's equal batches give the same)
-            loss = self.cross_entropy(b, ids) * (len(b.y) / n)
+            loss = F.cross_entropy(logits.float(), self.run.columns(b.y, ids)) * (len(b.y) / n)
             loss.backward()
 
         self.run.forward_pass(images, accumulate, desc="keeplora-gradient", grad=True,
@@ -219,27 +249,16 @@ class KeepLoRA(Method):
             s.add_to_weight(-scale * (up @ down))
 
     @torch.no_grad()
-    def init_cosine_head(self, task) -> None:
+    def init_cosine_head(self, task, means: ClassMeans, done: bool = False) -> None:
         """KeepLoRA+: a cosine classifier for this dataset, its rows the normalised class means of the
-        normalised image features (computed through the model with the new branches, same function)."""
+        normalised image features (from the gradient pass when `done`, else through the model with the new
+        branches: the same function)."""
+        if not done:
+            self.run.forward_pass(task.train, lambda b: means.add(self.model.features(b.x), b.y),
+                                  desc="keeplora+-class-means")
         ids = list(task.class_ids)
         self.cosine.add_classes(ids)
-        dim = self.model.backbone.feature_dim
-        sums = torch.zeros(len(ids), dim, device=self.run.device, dtype=torch.float64)
-        counts = torch.zeros(len(ids), device=self.run.device, dtype=torch.float64)
-        col = self.run.columns
-
-        def add(b):
-            f = F.normalize(self.model.features(b.x).float(), dim=-1).double()
-            k = col(b.y, self.run.class_tensor(ids))
-            sums.index_add_(0, k, f)
-            counts.index_add_(0, k, torch.ones_like(k, dtype=torch.float64))
-
-        self.run.forward_pass(task.train, add, desc="keeplora+-class-means")
-        dist.all_reduce_sum_(sums)
-        dist.all_reduce_sum_(counts)
-        means = F.normalize((sums / counts.clamp(min=1).unsqueeze(1)).float(), dim=-1)
-        self.cosine.set_rows(ids, means)
+        self.cosine.set_rows(ids, means.rows())
 
     def param_groups(self, task):
         groups = super().param_groups(task)
@@ -298,14 +317,16 @@ class KeepLoRA(Method):
                 accs = {layer: BatchMeanFeatures(layer.d_in, layer.weight.device) for layer in layers["image"]}
                 handles = [(layer, layer.add_tap(accs[layer].update)) for layer in layers["image"]]
                 try:  # whole (global) batches only, as the official drop_last loader
-                    self.run.forward_pass(task.train, lambda b: self.model.features(b.x), drop_last=True, **kw)
+                    with forward_until(layers["image"]) as run:
+                        self.run.forward_pass(task.train, lambda b: run(lambda: self.model.features(b.x)),
+                                              drop_last=True, **kw)
                 finally:
                     for layer, h in handles:
                         layer.remove_tap(h)
                 grams.update({layer: acc.gram() for layer, acc in accs.items()})
             else:
-                with layer_input_moments(layers["image"]) as accs:
-                    self.run.forward_pass(task.train, lambda b: self.model.features(b.x), **kw)
+                with layer_input_moments(layers["image"]) as accs, forward_until(layers["image"]) as run:
+                    self.run.forward_pass(task.train, lambda b: run(lambda: self.model.features(b.x)), **kw)
                 grams.update({layer: acc.finalize() for layer, acc in accs.items()})
         if layers["text"]:
             # one pass over the prompts: both feature kinds reduce to the token matrix of the prompts here
