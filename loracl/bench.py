@@ -162,6 +162,7 @@ def stats_share(run, task, epochs: int | None = None) -> dict:
     """Time a real task of the method: begin_task, one training epoch, end_task."""
     epochs = epochs or run.cfg.epochs_for(task.index)
     run.current_task = task
+    run.phase_seconds.clear()  # the passes of this task only
     t0 = time.perf_counter()
     run.method.begin_task(task)
     _sync(run.device)
@@ -172,7 +173,7 @@ def stats_share(run, task, epochs: int | None = None) -> dict:
     _sync(run.device)
     t3 = time.perf_counter()
     hooks, epoch = (t1 - t0) + (t3 - t2), t2 - t1
-    passes = {k: round(v, 3) for k, v in run.phase_seconds.items() if k.startswith("stats")}
+    passes = {k: round(v, 3) for k, v in run.phase_seconds.items() if k != "train"}  # every pass of the hooks
     return {"images": len(task.train), "begin_task_s": round(t1 - t0, 3), "end_task_s": round(t3 - t2, 3),
             "stats_passes_s": passes, "epoch_s": round(epoch, 3), "epochs": epochs,
             "share": hooks / (hooks + epochs * epoch)}
