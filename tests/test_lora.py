@@ -125,3 +125,22 @@ def test_linear_head_rebuild_twice():
     h.rebuild({"chunk_ids": [[0, 1], [2, 3]]})
     assert h.chunk_ids == [[0, 1], [2, 3]] and len(h.chunks) == 2
     assert h(torch.randn(3, 8), torch.tensor([3, 0])).shape == (3, 2)
+
+
+@pytest.mark.parametrize("cosine", [False, True])
+def test_linear_head_logits_if_known(cosine):
+    """The head's logits where it holds every asked class; zeros where it misses one (also an id beyond
+    every chunk, or before any chunk), the same shape either way."""
+    from loracl.models.heads import LinearHead
+
+    h = LinearHead(8, cosine=cosine)
+    f = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(h.logits_if_known(f, torch.tensor([0, 1])), torch.zeros(3, 2))
+    h.add_classes([0, 1])
+    h.add_classes([4, 5, 6])
+    for ids in ([5, 0], [4, 5, 6, 1], [1]):
+        ids = torch.tensor(ids)
+        torch.testing.assert_close(h.logits_if_known(f, ids), h(f, ids))
+        assert h.logits_if_known(f, ids).abs().sum() > 0
+    for ids in ([0, 2], [6, 9], [3]):  # 2, 3: inside the id range but in no chunk; 9: beyond it
+        assert torch.equal(h.logits_if_known(f, torch.tensor(ids)), torch.zeros(3, len(ids)))

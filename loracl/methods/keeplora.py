@@ -270,10 +270,10 @@ class KeepLoRA(Method):
         return groups
 
     def _logits(self, x, class_ids):
-        if self.cosine is None or not self.cosine.knows(class_ids):
+        if self.cosine is None:
             return self.net(x, class_ids)
         logits, feats = self.net(x, class_ids, return_features=True)  # through DDP under torchrun
-        return logits + self.cosine(feats, class_ids)
+        return logits + self.cosine.logits_if_known(feats, class_ids)  # datasets not yet learnt: text head alone
 
     def after_backward(self, task):
         """KeepLoRA+'s cosine head is not part of the DDP-wrapped model: average its gradients here."""

@@ -82,6 +82,19 @@ class LinearHead(Head):
         cols = self.column_of[class_ids.to(self.column_of.device)]
         return logits.index_select(-1, cols.to(logits.device))
 
+    def logits_if_known(self, feats: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """`forward(feats, class_ids)` where every id has a chunk, zeros otherwise. Decided on the device, so a
+        training step calling it on the device's class ids waits for nothing (`knows` reads them on the host)."""
+        if not self.chunks:
+            return feats.new_zeros(feats.shape[0], len(class_ids))
+        n = len(self.column_of)
+        ids = class_ids.to(self.column_of.device)
+        cols = F.pad(self.column_of, (0, 1), value=-1)[torch.where((ids >= 0) & (ids < n), ids, n)]
+        known = cols >= 0
+        logits = F.pad(self.all_logits(feats), (0, 1))  # a zero column for the unknown ids
+        out = logits.index_select(-1, torch.where(known, cols, logits.shape[-1] - 1).to(logits.device))
+        return out * known.all().to(out.device)
+
     def chunk_of(self, ids) -> nn.Linear:
         for c, cids in zip(self.chunks, self.chunk_ids):
             if set(ids) <= set(cids):
