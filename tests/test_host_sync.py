@@ -1,0 +1,75 @@
+"""No host-device synchronisation inside a training step (issue 6): loracl's code turns no tensor into a host
+value per step. On the CPU every tensor is a host tensor, so the test counts the conversions that would wait
+for a GPU (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`, ...) called from loracl's own code during `fit`, over
+runs of 2 and 5 steps per epoch: whatever grows with the steps happens in the step."""
+
+import collections
+import pathlib
+import sys
+
+import pytest
+import torch
+
+import loracl
+from conftest import smoke_sets
+from loracl.config import load_config
+from loracl.train import Runner
+
+pytestmark = [pytest.mark.shared, pytest.mark.usefixtures("one_thread")]
+
+PKG = str(pathlib.Path(loracl.__file__).parent)
+CONVERSIONS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero", "cpu"]
+# tensors drawn from a CPU generator for the replay memory: host tensors whatever the training device
+HOST_SIDE = {("memory.py", "sample"), ("memory.py", "load")}
+
+CASES = {
+    "inflora": ("inflora", []),
+    "keeplora+": ("keeplora+", []),  # the cosine head's known classes, decided on the device
+    "seq-lora-tensor": ("seq-lora", ["data.pipeline=tensor"]),  # batches cropped and flipped by the pipeline
+    "er": ("er", []),
+    "agem": ("agem", []),
+    "ta-lora-kl": ("ta-lora", ["method.kl_weight=0.4"]),
+}
+
+
+def _conversions(tmp_path, method, extra, steps) -> collections.Counter:
+    sets = smoke_sets(**{"train.max_steps_per_epoch": steps, "eval.max_per_task": 8, "benchmark.num_tasks": None,
+                         "benchmark.class_order": list(range(20)), "benchmark.task_sizes": [10, 10]})
+    small = 'benchmark.datasets=[{name: cifar100, root: "{data_root}/cifar100", max_per_class: {train: 16, test: 4}}]'
+    cfg = load_config(preset="cifar100-mini", method=method, sets=sets + [small] + extra)
+    r = Runner(cfg, tmp_path / f"{steps}", progress=False, log=lambda *a, **k: None)
+    hits = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in CONVERSIONS}
+
+    def spy(name, original):
+        def conversion(self, *a, **k):
+            code = sys._getframe(1).f_code
+            where = (code.co_filename[len(PKG) + 1:], code.co_name)
+            if code.co_filename.startswith(PKG) and where not in HOST_SIDE:
+                hits[(name,) + where] += 1
+            return original(self, *a, **k)
+        return conversion
+
+    fit = r.fit
+
+    def spied_fit(*a, **k):
+        for name in CONVERSIONS:
+            setattr(torch.Tensor, name, spy(name, originals[name]))
+        try:
+            return fit(*a, **k)
+        finally:
+            for name, original in originals.items():
+                setattr(torch.Tensor, name, original)
+
+    r.fit = spied_fit
+    assert r.run()["status"] == "complete"
+    return hits
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_steps_wait_for_nothing(tmp_path, case):
+    method, extra = CASES[case]
+    short, long = (_conversions(tmp_path, method, extra, steps) for steps in (2, 5))
+    per_step = {k: (short[k], long[k]) for k in set(short) | set(long) if short[k] != long[k]}
+    assert not per_step, f"host conversions that grow with the steps (2 steps, 5 steps): {per_step}"
+    assert sum(long.values()) > 0  # the spy sees the once-per-epoch reads (the epoch's loss)
