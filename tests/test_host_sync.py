@@ -1,7 +1,8 @@
-"""No host-device synchronisation inside a training step (issue 6): loracl's code turns no tensor into a host
-value per step. On the CPU every tensor is a host tensor, so the test counts the conversions that would wait
-for a GPU (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`, ...) called from loracl's own code during `fit`, over
-runs of 2 and 5 steps per epoch: whatever grows with the steps happens in the step."""
+"""No host-device synchronisation inside a training step or an evaluation batch (issue 6): loracl's code turns
+no tensor into a host value per step. On the CPU every tensor is a host tensor, so the test counts the
+conversions that would wait for a GPU (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`, ...) called from loracl's
+own code during `fit` and `accuracy`, over a run of 2 steps per epoch and evaluation batches of 16 and one of
+5 steps and batches of 4: whatever grows with the steps or batches happens in every one of them."""
 
 import collections
 import pathlib
@@ -32,12 +33,13 @@ CASES = {
 }
 
 
-def _conversions(tmp_path, method, extra, steps) -> collections.Counter:
-    sets = smoke_sets(**{"train.max_steps_per_epoch": steps, "eval.max_per_task": 8, "benchmark.num_tasks": None,
+def _conversions(tmp_path, method, extra, steps, eval_batch) -> collections.Counter:
+    sets = smoke_sets(**{"train.max_steps_per_epoch": steps, "data.eval_batch_size": eval_batch,
+                         "eval.max_per_task": 16, "benchmark.num_tasks": None,
                          "benchmark.class_order": list(range(20)), "benchmark.task_sizes": [10, 10]})
     small = 'benchmark.datasets=[{name: cifar100, root: "{data_root}/cifar100", max_per_class: {train: 16, test: 4}}]'
     cfg = load_config(preset="cifar100-mini", method=method, sets=sets + [small] + extra)
-    r = Runner(cfg, tmp_path / f"{steps}", progress=False, log=lambda *a, **k: None)
+    r = Runner(cfg, tmp_path / f"{steps}-{eval_batch}", progress=False, log=lambda *a, **k: None)
     hits = collections.Counter()
     originals = {name: getattr(torch.Tensor, name) for name in CONVERSIONS}
 
@@ -50,18 +52,18 @@ def _conversions(tmp_path, method, extra, steps) -> collections.Counter:
             return original(self, *a, **k)
         return conversion
 
-    fit = r.fit
+    def spied(fn):
+        def call(*a, **k):
+            for name in CONVERSIONS:
+                setattr(torch.Tensor, name, spy(name, originals[name]))
+            try:
+                return fn(*a, **k)
+            finally:
+                for name, original in originals.items():
+                    setattr(torch.Tensor, name, original)
+        return call
 
-    def spied_fit(*a, **k):
-        for name in CONVERSIONS:
-            setattr(torch.Tensor, name, spy(name, originals[name]))
-        try:
-            return fit(*a, **k)
-        finally:
-            for name, original in originals.items():
-                setattr(torch.Tensor, name, original)
-
-    r.fit = spied_fit
+    r.fit, r.accuracy = spied(r.fit), spied(r.accuracy)
     assert r.run()["status"] == "complete"
     return hits
 
@@ -69,7 +71,7 @@ def _conversions(tmp_path, method, extra, steps) -> collections.Counter:
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_steps_wait_for_nothing(tmp_path, case):
     method, extra = CASES[case]
-    short, long = (_conversions(tmp_path, method, extra, steps) for steps in (2, 5))
+    short, long = _conversions(tmp_path, method, extra, 2, 16), _conversions(tmp_path, method, extra, 5, 4)
     per_step = {k: (short[k], long[k]) for k in set(short) | set(long) if short[k] != long[k]}
-    assert not per_step, f"host conversions that grow with the steps (2 steps, 5 steps): {per_step}"
+    assert not per_step, f"host conversions that grow with the steps and batches (short run, long run): {per_step}"
     assert sum(long.values()) > 0  # the spy sees the once-per-epoch reads (the epoch's loss)
