@@ -203,12 +203,12 @@ def _reset_peak(device) -> None:
 
 
 def stats_pass(run, task) -> tuple[float | None, int]:
-    """The method's statistics passes of `begin_task` (phases named stats*): (seconds or None, images)."""
+    """The passes over the task that the method makes in `begin_task`: (seconds or None, images)."""
     run.phase_seconds.clear()
     run.flops.reset()
     run.current_task = task
     run.method.begin_task(task)
-    keys = [k for k in run.phase_seconds if k.startswith("stats")]
+    keys = list(run.phase_seconds)  # every pass begin_task makes (InfLoRA: statistics; KeepLoRA: gradient)
     if not keys:
         return None, 0
     return sum(run.phase_seconds[k] for k in keys), int(sum(run.flops.by_phase[k] for k in keys))
