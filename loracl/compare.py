@@ -61,6 +61,7 @@ def _config_key(run: Path) -> str:
         cfg.get("data", {}).pop(k, None)
     cfg.get("eval", {}).pop("cache_mb", None)
     cfg.get("train", {}).pop("compile", None)
+    cfg.get("train", {}).pop("ddp_find_unused", None)
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

@@ -120,6 +120,9 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: task boundaries only)")
     nan_policy: Literal["stop", "skip"] = "stop"
     compile: bool = Field(False, description="torch.compile the training forward (recompiles when branches change)")
+    ddp_find_unused: bool | None = Field(
+        None, description="under torchrun, DDP searches the graph every step for trained parameters without a "
+                          "gradient; null: only for methods that do not declare that every step uses them all")
 
     @field_validator("epochs")
     @classmethod

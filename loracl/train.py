@@ -419,10 +419,13 @@ class Runner:
             return self.model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        # rebuilt per phase: each task trains a different set of parameters. Unused parameters are allowed
-        # because a method may leave some trainable tensors out of a step.
+        # rebuilt per phase: each task trains a different set of parameters. A method may leave some trainable
+        # tensors out of a step; DDP then has to look for them in every step's graph
+        find = self.cfg.train.ddp_find_unused
+        if find is None:
+            find = not self.method.uses_all_trained_params
         return DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                   find_unused_parameters=True)
+                   find_unused_parameters=find)
 
     @staticmethod
     def _all_finite(finite: torch.Tensor) -> bool:

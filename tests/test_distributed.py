@@ -23,6 +23,9 @@ def _run(out, nproc, sets, method="seq-lora"):
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     # a failing process's own traceback comes first in stderr, the launcher's summary last
     assert p.returncode == 0, p.stderr[:4000] + "\n...\n" + p.stderr[-1500:]
+    # each method here declares that every step uses every trained parameter: DDP does not search for unused
+    # ones (it warns when told to and finds none)
+    assert "find_unused_parameters=True was specified" not in p.stderr
     return json.loads((out / "results.json").read_text())
 
 

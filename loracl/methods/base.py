@@ -59,6 +59,9 @@ class Method:
     Config: ClassVar[type[MethodConfig]] = MethodConfig
     joint: ClassVar[bool] = False  # True: trained once on the union of all tasks (offline upper bound)
     needs_lora: ClassVar[bool] = False
+    # True: every parameter a phase trains gets a gradient in every step, so DDP need not search the graph for
+    # unused ones each step (tests/test_distributed.py runs each method that says so under torchrun)
+    uses_all_trained_params: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig, run: "Runner"):
         self.cfg = cfg

@@ -51,6 +51,7 @@ class SeqLoRA(LoRAMethod):
     """Sequential LoRA fine-tuning: each task's branch merged before the next (lower bound)."""
 
     name = "seq-lora"
+    uses_all_trained_params = True
 
 
 @register

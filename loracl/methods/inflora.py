@@ -87,6 +87,7 @@ class InfLoRA(Method):
     name = "inflora"
     Config = InfLoRAConfig
     needs_lora = True
+    uses_all_trained_params = True
 
     def setup(self):
         c = self.cfg

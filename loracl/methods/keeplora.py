@@ -131,6 +131,7 @@ class KeepLoRA(Method):
     name = "keeplora"
     Config = KeepLoRAConfig
     needs_lora = True
+    uses_all_trained_params = True
     plus = False  # KeepLoRA+: per-dataset cosine head added to the logits
 
     def __init__(self, cfg, run):

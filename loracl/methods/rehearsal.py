@@ -24,6 +24,7 @@ class RehearsalOptions(LoRAOptions):
 
 class RehearsalMethod(Method):
     Config = RehearsalOptions
+    uses_all_trained_params = True
 
     def setup(self):
         if self.cfg.finetune == "lora":

@@ -92,6 +92,7 @@ class TaskArithmeticLoRA(Method):
     name = "ta-lora"
     Config = TALoRAConfig
     needs_lora = True
+    uses_all_trained_params = True
 
     def setup(self):
         c = self.cfg
