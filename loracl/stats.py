@@ -35,19 +35,22 @@ class SecondMoment:
 
 
 @contextlib.contextmanager
-def layer_input_moments(layers: list[LoRALayer], dtype: torch.dtype = torch.float32):
-    """Within the block, every forward through `layers` adds its inputs to a per-layer SecondMoment."""
-    accs = {}
-    handles = []
-    for layer in layers:
-        acc = SecondMoment(layer.d_in, device=layer.weight.device, dtype=dtype)
-        accs[layer] = acc
-        handles.append((layer, layer.add_tap(acc.update)))
+def tapped(layers: list[LoRALayer], tap_of):
+    """Within the block, every layer of `layers` calls `tap_of(layer)` with its input on every forward."""
+    handles = [(layer, layer.add_tap(tap_of(layer))) for layer in layers]
     try:
-        yield accs
+        yield
     finally:
         for layer, h in handles:
             layer.remove_tap(h)
+
+
+@contextlib.contextmanager
+def layer_input_moments(layers: list[LoRALayer], dtype: torch.dtype = torch.float32):
+    """Within the block, every forward through `layers` adds its inputs to a per-layer SecondMoment."""
+    accs = {layer: SecondMoment(layer.d_in, device=layer.weight.device, dtype=dtype) for layer in layers}
+    with tapped(layers, lambda layer: accs[layer].update):
+        yield accs
 
 
 class _Reached(Exception):
@@ -69,8 +72,6 @@ def forward_until(layers: list[LoRALayer]):
                 raise _Reached
         return tap
 
-    handles = [(layer, layer.add_tap(make_tap(layer))) for layer in layers]
-
     def run(forward) -> None:
         left.update(id(layer) for layer in layers)
         try:
@@ -78,8 +79,5 @@ def forward_until(layers: list[LoRALayer]):
         except _Reached:
             pass
 
-    try:
+    with tapped(layers, make_tap):
         yield run
-    finally:
-        for layer, h in handles:
-            layer.remove_tap(h)

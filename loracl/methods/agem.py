@@ -14,7 +14,6 @@ task-arithmetic paper) random training samples of each finished task; reference 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from .. import dist
@@ -65,7 +64,7 @@ class AGEM(RehearsalMethod):
         ref = self.memory_batch(rows, keep=dist.share(len(rows)))
         if len(ref.y):
             logits = self.model(ref.x, self.seen)
-            loss = F.cross_entropy(logits.float(), self.run.columns(ref.y, self.seen), reduction="sum") / len(rows)
+            loss = self.logits_loss(logits, ref.y, self.seen, reduction="sum") / len(rows)
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         else:  # fewer memory rows than processes: this one holds none
             grads = [None] * len(self.params)

@@ -104,5 +104,8 @@ class Method:
         self.model.head.add_classes(task.class_ids, task.class_names, task.templates)
 
     def cross_entropy(self, batch: Batch, class_ids: torch.Tensor) -> torch.Tensor:
-        logits = self.net(batch.x, class_ids)
-        return F.cross_entropy(logits.float(), self.run.columns(batch.y, class_ids))
+        return self.logits_loss(self.net(batch.x, class_ids), batch.y, class_ids)
+
+    def logits_loss(self, logits: torch.Tensor, y: torch.Tensor, class_ids: torch.Tensor, **kw) -> torch.Tensor:
+        """Cross-entropy of logits over `class_ids` against global targets `y` (fp32)."""
+        return F.cross_entropy(logits.float(), self.run.columns(y, class_ids), **kw)

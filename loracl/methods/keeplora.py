@@ -38,7 +38,7 @@ from .. import dist
 from ..data.loader import derive_seed
 from ..errors import ConfigError
 from ..models.heads import LinearHead
-from ..stats import forward_until, layer_input_moments
+from ..stats import forward_until, layer_input_moments, tapped
 from ..subspace import gpm_extend, gpm_first, principal_basis, project_out, psd_sqrt, randomized_svd
 from . import register
 from .base import LoRAOptions, Method
@@ -218,7 +218,7 @@ class KeepLoRA(Method):
             if means is not None:
                 means.add(feats.detach(), b.y)
             # dataset mean: each batch weighted by its size (the official loader's equal batches give the same)
-            loss = F.cross_entropy(logits.float(), self.run.columns(b.y, ids)) * (len(b.y) / n)
+            loss = self.logits_loss(logits, b.y, ids) * (len(b.y) / n)
             loss.backward()
 
         self.run.forward_pass(images, accumulate, desc="keeplora-gradient", grad=True,
@@ -287,7 +287,7 @@ class KeepLoRA(Method):
         ids = self.run.train_classes(task)
         if self.cosine is None:
             return self.cross_entropy(batch, ids)
-        return F.cross_entropy(self._logits(batch.x, ids).float(), self.run.columns(batch.y, ids))
+        return self.logits_loss(self._logits(batch.x, ids), batch.y, ids)
 
     def logits(self, x, class_ids):
         return self._logits(x, class_ids)
@@ -316,14 +316,11 @@ class KeepLoRA(Method):
                       batch_size=self.run.cfg.data.batch_size)
             if self.feature_kind == "batch-mean":
                 accs = {layer: BatchMeanFeatures(layer.d_in, layer.weight.device) for layer in layers["image"]}
-                handles = [(layer, layer.add_tap(accs[layer].update)) for layer in layers["image"]]
-                try:  # whole (global) batches only, as the official drop_last loader
-                    with forward_until(layers["image"]) as run:
-                        self.run.forward_pass(task.train, lambda b: run(lambda: self.model.features(b.x)),
-                                              drop_last=True, **kw)
-                finally:
-                    for layer, h in handles:
-                        layer.remove_tap(h)
+                # whole (global) batches only, as the official drop_last loader
+                with tapped(layers["image"], lambda layer: accs[layer].update), \
+                        forward_until(layers["image"]) as run:
+                    self.run.forward_pass(task.train, lambda b: run(lambda: self.model.features(b.x)),
+                                          drop_last=True, **kw)
                 grams.update({layer: acc.gram() for layer, acc in accs.items()})
             else:
                 with layer_input_moments(layers["image"]) as accs, forward_until(layers["image"]) as run:

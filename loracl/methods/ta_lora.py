@@ -135,7 +135,7 @@ class TaskArithmeticLoRA(Method):
         if w == 0:
             return self.cross_entropy(batch, ids)
         logits, feats = self.net(batch.x, ids, return_features=True)
-        ce = F.cross_entropy(logits.float(), self.run.columns(batch.y, ids))
+        ce = self.logits_loss(logits, batch.y, ids)
         with torch.no_grad(), self.model.adapter.inactive():  # theta_pre: the task's branch off
             f_pre = self.model.features(batch.x)
         return (1 - w) * ce + w * feature_kl(f_pre, feats, self.cfg.kl_target, self.cfg.kl_reduction)
