@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from loracl.checkpoint import load as load_checkpoint
 from loracl.config import load_config
 from loracl.train import Runner
 
@@ -30,7 +31,7 @@ def _run(tmp_path, name, method, sets):
     cfg = load_config(preset="demo", method=method, sets=TINY + sets)
     runner = Runner(cfg, tmp_path / name, progress=False, log=lambda *a, **k: None)
     res = runner.run()
-    ckpt = torch.load(tmp_path / name / "checkpoints" / "task_01.pt", weights_only=False)["model"]
+    ckpt = load_checkpoint(tmp_path / name / "checkpoints" / "task_01.pt")["model"]
     return res, ckpt
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, smoke_sets
+from loracl.checkpoint import load as load_checkpoint
 
 pytestmark = pytest.mark.shared
 
@@ -58,8 +59,8 @@ def test_two_processes_match_one(tmp_path, case):
                          "threads": 1}) + extra
     one = _run(tmp_path / "one", 1, sets, method)
     two = _run(tmp_path / "two", 2, sets, method)
-    a = torch.load(tmp_path / "one" / "checkpoints" / "task_01.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "two" / "checkpoints" / "task_01.pt", weights_only=False)["model"]
+    a = load_checkpoint(tmp_path / "one" / "checkpoints" / "task_01.pt")["model"]
+    b = load_checkpoint(tmp_path / "two" / "checkpoints" / "task_01.pt")["model"]
     assert set(a) == set(b)
     if n_keys is not None:
         assert len(a) == n_keys

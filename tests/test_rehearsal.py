@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from loracl.checkpoint import load as load_checkpoint
 from loracl.config import load_config
 from loracl.memory import EpisodicMemory, balanced_quota
 from loracl.methods.agem import agem_project
@@ -133,7 +134,7 @@ def test_er_reservoir_run_resumes_mid_task_exactly(tmp_path):
     out = tmp_path / "er"
     res = Runner(cfg, out, progress=False, log=_quiet()).run()
     # memory of 8 over a stream of 48 samples; replay from the first steps on
-    state = torch.load(out / "checkpoints" / "task_01.pt", weights_only=False)["method"]["memory"]
+    state = load_checkpoint(out / "checkpoints" / "task_01.pt")["method"]["memory"]
     assert len(state["rows"]) == 8 and state["stream_seen"] == 48
     # FLOPs counted at each step's real size: task 0's first step has an empty memory (8 samples), the
     # other 2 replay 8 (16 samples): 40 sample passes; task 1: 3 x 16 = 48
@@ -149,7 +150,7 @@ def test_er_reservoir_run_resumes_mid_task_exactly(tmp_path):
     _stop_after_steps(run, task=1, steps=2)
     res2 = Runner(cfg, cut, resume=True, progress=False, log=_quiet()).run()
     assert res2["acc_matrix"] == res["acc_matrix"]
-    state2 = torch.load(cut / "checkpoints" / "task_01.pt", weights_only=False)["method"]["memory"]
+    state2 = load_checkpoint(cut / "checkpoints" / "task_01.pt")["method"]["memory"]
     assert np.array_equal(state2["rows"], state["rows"])
 
 
@@ -184,7 +185,7 @@ def test_agem_and_joint_full_runs(tmp_path):
     # 24 images per task in steps of 16 and 8; task 1 adds a reference gradient on 4 memory samples to each
     # step, whatever its size: (16 + 4) + (8 + 4) sample passes against task 0's 16 + 8
     assert f[1]["train"] / f[0]["train"] == pytest.approx(32 / 24, rel=0.01)
-    state = torch.load(tmp_path / "agem" / "checkpoints" / "task_01.pt", weights_only=False)["method"]["memory"]
+    state = load_checkpoint(tmp_path / "agem" / "checkpoints" / "task_01.pt")["method"]["memory"]
     assert len(state["rows"]) == 12
     assert res["acc_matrix"][1][0] is not None
     # stopped after the first step of task 1 and resumed: the projection acts on the rebuilt parameters
@@ -195,8 +196,8 @@ def test_agem_and_joint_full_runs(tmp_path):
     _stop_after_steps(Runner(cfg, cut, resume=True, progress=False, log=_quiet()), task=1, steps=1)
     res2 = Runner(cfg, cut, resume=True, progress=False, log=_quiet()).run()
     assert res2["acc_matrix"] == res["acc_matrix"]
-    a = torch.load(tmp_path / "agem" / "checkpoints" / "task_01.pt", weights_only=False)["model"]
-    b = torch.load(cut / "checkpoints" / "task_01.pt", weights_only=False)["model"]
+    a = load_checkpoint(tmp_path / "agem" / "checkpoints" / "task_01.pt")["model"]
+    b = load_checkpoint(cut / "checkpoints" / "task_01.pt")["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     cfg = load_config(preset="cifar10-mini-5", method="joint-full", sets=tiny_sets(train=12, test=5))

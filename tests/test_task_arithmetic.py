@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from loracl.checkpoint import load as load_checkpoint
 from loracl.config import load_config
 from loracl.task_vectors import (LowRankDelta, combine, combine_dense, combined_delta, resolve_lambda,
                                  task_vector, task_vector_of_branches)
@@ -158,7 +159,7 @@ def test_ta_lora_run_fills_the_matrix_counts_memory_flops_and_resumes(tmp_path, 
         scores = ex["lambda_memory_accuracy"][1]
         assert ex["lambda"][1] == float(max(scores, key=scores.get))
         assert "lambda-select" in phases[1]
-    state = torch.load(out / "checkpoints" / "task_01.pt", weights_only=False)["method"]
+    state = load_checkpoint(out / "checkpoints" / "task_01.pt")["method"]
     assert len(state["task_vectors"]) == 2
     tv = state["task_vectors"][0]
     assert len(tv) == 12 and all(d["down"].shape == (16, 128) and d["up"].shape == (128, 16) for d in tv.values())
