@@ -141,6 +141,25 @@ class EvalConfig(Strict):
     retention_per_class: int | None = Field(None, ge=1, description="cap retention images per class (seeded)")
     max_per_task: int | None = Field(None, ge=1, description="cap test images per task (smoke runs)")
     cache_mb: int = Field(4096, ge=0, description="keep decoded test images (uint8) up to this size in memory")
+    ncm: bool = Field(False, description="also score the final backbone with a nearest-class-mean classifier "
+                                         "(cosine to class means of the training images): metric final_acc_ncm")
+
+
+class AlignConfig(Strict):
+    """Classifier alignment (SLCA; the official InfLoRA_CA): after every task, re-train all linear heads on
+    features sampled from stored per-class Gaussians (loracl/alignment.py; BASELINES.md section 1)."""
+
+    enabled: bool = False
+    samples_per_class: int = Field(256, ge=1, description="features drawn per seen class and epoch")
+    epochs: int = Field(5, ge=0)
+    lr: float = Field(0.01, gt=0, description="SGD, cosine-annealed per epoch")
+    momentum: float = 0.9
+    weight_decay: float = Field(5e-4, ge=0)
+    batch_size: int = Field(256, ge=1)
+    logit_norm: bool = Field(False, description="divide logits by the mean per-task logit norm, then by the "
+                                                "temperature (official: every dataset but CIFAR-100)")
+    temperature: float = Field(0.1, gt=0)
+    shrink: bool = Field(True, description="draw around mean_c * (0.9 + 0.1 (task_of_c + 1) / (t + 1))")
 
 
 class RunConfig(Strict):
@@ -157,6 +176,7 @@ class RunConfig(Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "seq-lora"})
     tensorboard: bool = False
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
@@ -337,6 +357,11 @@ def load_config(
     name = (doc.get("method") or {}).get("name", "seq-lora")
     if name in overrides:
         doc = deep_merge(doc, overrides[name])
+    from .methods import get_method  # late: methods import the config types
+
+    if getattr(get_method(name, src), "classifier_alignment", False):
+        # a method defined with classifier alignment (inflora-ca) switches it on unless the config says otherwise
+        doc.setdefault("align", {}).setdefault("enabled", True)
     if seed is not None:
         doc["seed"] = seed
     if out is not None:
