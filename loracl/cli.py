@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -15,6 +17,69 @@ DEMO_METHODS = ["seq-lora", "inflora", "joint"]  # linear-probe too with --metho
 
 def default_out(cfg) -> Path:
     return Path("runs") / cfg.name / cfg.method_name / f"seed{cfg.seed}"
+
+
+LOCK = ".loracl.lock"
+
+
+def _lock_holder(path: Path) -> tuple[int, str] | None:
+    """(pid, host) written in a lock file, or None when it cannot be read (a run killed while writing it)."""
+    try:
+        pid, host = path.read_text().split()[:2]
+        return int(pid), host
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """One run per output folder: `out/.loracl.lock` holds the pid and host of the run writing there. A lock
+    whose process is gone (a run killed with -9, a node that rebooted) is taken over; under torchrun only
+    rank 0 holds it."""
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LoraclError(f"cannot create the output folder {out}: {e.strerror or e}") from None
+    path, me = out / LOCK, f"{os.getpid()} {socket.gethostname()}\n"
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is not None and (holder[1] != socket.gethostname() or _alive(holder[0])):
+                where = "" if holder[1] == socket.gethostname() else f" on host {holder[1]}"
+                raise LoraclError(f"{out} is in use by another loracl run (pid {holder[0]}{where}, lock file "
+                                  f"{path}); wait for it, or use another --out. If that run is gone, delete "
+                                  f"the lock file") from None
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # the holder is dead on this host: take the lock over
+            continue
+        except OSError as e:
+            raise LoraclError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    else:
+        raise LoraclError(f"could not take the lock {path}: another run keeps taking it")
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            if path.read_text() == me:
+                path.unlink()
 
 
 def cmd_run(args) -> int:
@@ -34,17 +99,18 @@ def cmd_run(args) -> int:
                               f"resume with the same command (or: loracl run --resume --out {out})")
     if not args.resume and (out / "results.json").exists() and not args.overwrite:
         raise LoraclError(f"{out} already holds a run; add --resume to continue it or --overwrite to replace it")
-    if args.overwrite and not args.resume and os.environ.get("RANK", "0") == "0":  # torchrun: one process deletes
-        import shutil
+    with run_lock(out):
+        if args.overwrite and not args.resume and os.environ.get("RANK", "0") == "0":  # torchrun: one deletes
+            import shutil
 
-        for sub in ("checkpoints", "results.json", "report.html", "tensorboard"):
-            p = out / sub
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
-    runner = Runner(cfg, out, resume=args.resume, progress=args.progress)
-    results = runner.run()
+            for sub in ("checkpoints", "results.json", "report.html", "tensorboard"):
+                p = out / sub
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+        runner = Runner(cfg, out, resume=args.resume, progress=args.progress)
+        results = runner.run()
     # under torchrun: every process leaves together once rank 0 has written the results (a process that
     # exits while its peers still hold the group open can abort in the group's teardown)
     main = dist.is_main()
@@ -107,7 +173,9 @@ def cmd_demo(args) -> int:
                 print(f"{m}: already done in {out} (use --overwrite to redo)")
                 dirs.append(out)
                 continue
-        Runner(cfg, out, resume=(out / "checkpoints").exists() and not args.overwrite, progress=args.progress).run()
+        with run_lock(out):
+            Runner(cfg, out, resume=(out / "checkpoints").exists() and not args.overwrite,
+                   progress=args.progress).run()
         dirs.append(out)
     print()
     print(compare(dirs, out=root / "comparison.md"))
@@ -181,6 +249,13 @@ def main(argv=None) -> int:
         return args.fn(args)
     except LoraclError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:  # not about a file the user gave: a bug, keep the traceback
+            raise
+        # an output folder that became unwritable, a full disk: the environment, not loracl
+        print(f"error: cannot write or read {e.filename}: {e.strerror or e}; finished tasks are saved in their "
+              f"checkpoints", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: finished tasks are saved; continue with the same command plus --resume",
