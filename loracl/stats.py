@@ -81,3 +81,40 @@ def forward_until(layers: list[LoRALayer]):
 
     with tapped(layers, make_tap):
         yield run
+
+
+class ClassStatistics:
+    """Per-class feature sums, second moments and counts (float64), summed over processes -> class means and
+    covariances. Classifier alignment stores the Gaussians (SLCA), NCM the means (SimpleCIL)."""
+
+    def __init__(self, ids, dim: int, device=None, covariance: bool = True):
+        self.ids = torch.as_tensor(list(ids), dtype=torch.long, device=device)
+        n = len(self.ids)
+        self.sum = torch.zeros(n, dim, device=device, dtype=torch.float64)
+        self.outer = torch.zeros(n, dim, dim, device=device, dtype=torch.float64) if covariance else None
+        self.count = torch.zeros(n, device=device, dtype=torch.float64)
+
+    @torch.no_grad()
+    def update(self, feats: torch.Tensor, y: torch.Tensor) -> None:
+        x = feats.detach().reshape(len(y), -1).to(self.sum)
+        k = (y.to(self.ids.device).unsqueeze(1) == self.ids).long().argmax(1)  # row of each target's class
+        self.sum.index_add_(0, k, x)
+        self.count.index_add_(0, k, torch.ones_like(k, dtype=torch.float64))
+        if self.outer is not None:
+            # one d x d product per class present: a batch-wide outer product tensor would be B x d x d
+            for c in torch.unique(k).tolist():
+                xc = x[k == c]
+                self.outer[c].addmm_(xc.t(), xc)
+
+    def finalize(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(means C x d, covariances C x d x d with torch.cov's N - 1 normalisation, or None); `count` then
+        holds every process's images."""
+        dist.all_reduce_sum_(self.sum)
+        dist.all_reduce_sum_(self.count)
+        n = self.count.clamp(min=1).unsqueeze(1)
+        self.means, self.covs = self.sum / n, None
+        if self.outer is not None:
+            dist.all_reduce_sum_(self.outer)
+            centred = self.outer - n.unsqueeze(2) * self.means.unsqueeze(2) * self.means.unsqueeze(1)
+            self.covs = centred / (n - 1).clamp(min=1).unsqueeze(2)
+        return self.means, self.covs

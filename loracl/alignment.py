@@ -1,0 +1,148 @@
+"""Classifier alignment (SLCA, Zhang et al. ICCV 2023; `InfLoRA_CA` in the official InfLoRA code; BASELINES.md 1).
+
+A step of the classifier, not of a method: heads trained one task at a time on that task's classes are not
+calibrated against each other, which on `cifar100-mini` costs more than forgetting does (docs/inflora.md).
+After every task, with the model as it is then:
+
+    1. mean_c, cov_c + 1e-4 I of the final-norm features of every new class's training images (test transforms,
+       fp32 forward, float64 sums, summed over processes); old classes keep the statistics of when they were
+       learned
+    2. from the second task on, every linear head chunk re-trained, backbone untouched, on features drawn from
+       N(mean_c * (0.9 + 0.1 (task_of_c + 1) / (t + 1)), cov_c): samples_per_class per seen class and epoch,
+       shuffled, cross-entropy over all seen classes, SGD with momentum and weight decay, lr cosine-annealed
+       per epoch; optionally on logits divided by the mean over tasks of each task block's L2 norm and by a
+       temperature (the official code on every dataset but CIFAR-100)
+
+The draws come from a generator seeded by (run seed, task), so a resumed run aligns exactly as an uninterrupted
+one; the statistics are plain tensors in `state_dict()`. The same class statistics serve NCM (methods/ncm.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import AlignConfig
+from .data.loader import derive_seed
+from .errors import ConfigError
+from .models.heads import LinearHead
+from .stats import ClassStatistics
+
+COV_RIDGE = 1e-4  # added to every class covariance (official code), so that its Cholesky factor exists
+
+
+def class_feature_statistics(run, model, images, class_ids, desc: str, covariance: bool = True) -> ClassStatistics:
+    """Per-class statistics of `model.features` over one image set or a list of them (test transforms, eval
+    mode, autocast off), finalized: `.means`, `.covs` (or None), `.count`."""
+    acc = ClassStatistics(class_ids, model.backbone.feature_dim, device=run.device, covariance=covariance)
+    was_training = model.training
+    model.eval()
+
+    def fn(b):
+        with torch.autocast(run.device.type, enabled=False):
+            acc.update(model.features(b.x), b.y)
+
+    for imgs in images if isinstance(images, list) else [images]:
+        run.forward_pass(imgs, fn, desc=desc, train_transform=False)
+    model.train(was_training)
+    acc.finalize()
+    return acc
+
+
+def shrink_factors(task_of: torch.Tensor, t: int) -> torch.Tensor:
+    """SLCA's mean shrink: older classes are drawn closer to the origin (their features have drifted most)."""
+    return 0.9 + 0.1 * (task_of.double() + 1) / (t + 1)
+
+
+def sample_features(means: torch.Tensor, chols: torch.Tensor, per_class: int, generator: torch.Generator,
+                    factors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_class` draws from N(mean_c * factor_c, L_c L_c^T) for every class c (rows grouped by class) and the
+    class row of each draw. The normal draws come from the CPU `generator` (same numbers on every device)."""
+    C, d = means.shape
+    z = torch.randn(C, per_class, d, generator=generator, dtype=torch.float64).to(means.device)
+    mu = means if factors is None else means * factors.to(means).unsqueeze(1)
+    x = mu.unsqueeze(1) + z @ chols.transpose(1, 2)
+    return x.reshape(C * per_class, d), torch.arange(C, device=means.device).repeat_interleave(per_class)
+
+
+def normalised_logits(logits: torch.Tensor, blocks: list[int], temperature: float) -> torch.Tensor:
+    """Logits divided by the mean over tasks of each task block's L2 norm (per sample), then by the temperature."""
+    norms = torch.stack([b.norm(dim=-1) + 1e-7 for b in logits.split(blocks, dim=-1)], -1)
+    return logits / norms.mean(-1, keepdim=True) / temperature
+
+
+class ClassifierAlignment:
+    """Stored class Gaussians and the head re-training after each task (the run loop calls `end_task` after the
+    method's, before evaluation, when `align.enabled`)."""
+
+    def __init__(self, cfg: AlignConfig, run, model):
+        if not isinstance(model.head, LinearHead):
+            raise ConfigError("align.enabled needs per-class linear heads (head.kind linear or cosine); the CLIP "
+                              "text head has no class weights to re-train")
+        self.cfg, self.run, self.model = cfg, run, model
+        d = model.backbone.feature_dim
+        self.ids = torch.zeros(0, dtype=torch.long)
+        self.task_of = torch.zeros(0, dtype=torch.long)
+        self.means = torch.zeros(0, d, dtype=torch.float64)
+        self.covs = torch.zeros(0, d, d, dtype=torch.float64)
+
+    def end_task(self, task) -> None:
+        known = set(self.ids.tolist())
+        new = [c for c in task.class_ids if c not in known]  # a domain-incremental task brings none
+        if new:
+            s = class_feature_statistics(self.run, self.model, task.train, new, "align-stats")
+            eye = torch.eye(s.covs.shape[-1], dtype=torch.float64, device=s.covs.device)
+            self.ids = torch.cat([self.ids, torch.tensor(new, dtype=torch.long)])
+            self.task_of = torch.cat([self.task_of, torch.full((len(new),), task.index, dtype=torch.long)])
+            self.means = torch.cat([self.means, s.means.cpu()])
+            self.covs = torch.cat([self.covs, (s.covs + COV_RIDGE * eye).cpu()])
+        if len(set(self.task_of.tolist())) > 1 and self.cfg.epochs > 0:
+            with self.run.timed("align"):
+                self.align(task.index)
+
+    def align(self, t: int) -> None:
+        c, head, dev = self.cfg, self.model.head, self.run.device
+        params = list(head.parameters())
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        means = self.means.to(dev)
+        chols = torch.linalg.cholesky(self.covs.to(dev))
+        factors = shrink_factors(self.task_of, t) if c.shrink else None
+        cols = head.column_of[self.ids.to(head.column_of.device)].to(dev)  # stored class -> head column
+        blocks = [len(ids) for ids in head.chunk_ids]
+        gen = torch.Generator().manual_seed(derive_seed(self.run.cfg.seed, "align", t))
+        losses = []
+        with torch.enable_grad():
+            for epoch in range(c.epochs):
+                for g in opt.param_groups:  # cosine annealing over the epochs, stepped per epoch as the official code
+                    g["lr"] = c.lr * 0.5 * (1 + math.cos(math.pi * epoch / c.epochs))
+                x, k = sample_features(means, chols, c.samples_per_class, gen, factors)
+                order = torch.randperm(len(k), generator=gen).to(dev)
+                total = torch.zeros((), device=dev)
+                for s in range(0, len(k), c.batch_size):
+                    idx = order[s:s + c.batch_size]
+                    logits = head.all_logits(x[idx].float())
+                    if c.logit_norm:
+                        logits = normalised_logits(logits, blocks, c.temperature)
+                    loss = F.cross_entropy(logits, cols[k[idx]])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += loss.detach() * len(idx)
+                losses.append(float(total) / len(k))
+        opt.zero_grad(set_to_none=True)
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        self.run.log(f"  align after task {t}: {len(self.ids)} classes, {c.epochs} epochs, "
+                     f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+
+    def state_dict(self) -> dict:
+        return {"ids": self.ids, "task_of": self.task_of, "means": self.means, "covs": self.covs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ids, self.task_of = state["ids"].long().cpu(), state["task_of"].long().cpu()
+        self.means, self.covs = state["means"].double().cpu(), state["covs"].double().cpu()
