@@ -222,3 +222,9 @@ def principal_angles_cos(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 
 INV_SQRT3 = 1.0 / math.sqrt(3.0)
+
+
+def cross_gram_l1(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """sum_jk |(old new^T)_jk|: O-LoRA's orthogonality penalty between the rows of earlier tasks' down-projections
+    (r_old x d, stacked) and the new one's (r x d); zero exactly when every new row is orthogonal to every old one."""
+    return (old @ new.t()).abs().sum()

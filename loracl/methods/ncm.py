@@ -1,0 +1,105 @@
+"""NCM: nearest class mean on the frozen pretrained backbone (SimpleCIL, Zhou et al. IJCV 2024).
+
+No training at all: after each task the prototype of each of its classes is the mean of the backbone's features
+of its training images (test transforms), and a test image goes to the class whose prototype has the highest
+cosine similarity with its features. Class sums and counts are kept rather than means, so a class seen again
+in a later task (domain-incremental) gets the mean over all its images so far. The class statistics are the
+ones classifier alignment stores (loracl/alignment.py).
+
+`ncm_accuracy` scores any model's current backbone the same way (`eval.ncm: true` -> `final_acc_ncm`): what
+the features alone know, without the heads.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import dist
+from ..alignment import class_feature_statistics
+from . import register
+from .base import Method
+
+
+def ncm_logits(feats: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every feature (rows) with every class prototype (columns)."""
+    return F.normalize(feats.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).t()
+
+
+@register
+class NCM(Method):
+    """Nearest class mean on the frozen pretrained backbone (SimpleCIL): cosine to class-mean prototypes, no training."""
+
+    name = "ncm"
+
+    def setup(self):
+        d = self.model.backbone.feature_dim
+        self.ids = torch.zeros(0, dtype=torch.long)
+        self.sums = torch.zeros(0, d, dtype=torch.float64)
+        self.counts = torch.zeros(0, dtype=torch.float64)
+        self._device_protos = None
+
+    def begin_task(self, task):
+        self.add_task_classes(task)  # the head's table of known classes decides which tasks are evaluated
+        self.model.set_trainable("none")
+
+    def param_groups(self, task):
+        return {"backbone": [], "head": []}  # nothing to train: the runner's fit returns at once
+
+    def end_task(self, task):
+        s = class_feature_statistics(self.run, self.model, task.train, task.class_ids, "ncm-means", covariance=False)
+        sums, counts = (s.means * s.count.unsqueeze(1)).cpu(), s.count.cpu()
+        rows = {c: i for i, c in enumerate(self.ids.tolist())}
+        for k, c in enumerate(task.class_ids):
+            if c in rows:
+                self.sums[rows[c]] += sums[k]
+                self.counts[rows[c]] += counts[k]
+            else:
+                rows[c] = len(self.ids)
+                self.ids = torch.cat([self.ids, torch.tensor([c])])
+                self.sums = torch.cat([self.sums, sums[k:k + 1]])
+                self.counts = torch.cat([self.counts, counts[k:k + 1]])
+        self._device_protos = None
+
+    def prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._device_protos is None:
+            dev = self.run.device
+            means = self.sums / self.counts.clamp(min=1).unsqueeze(1)
+            self._device_protos = (self.ids.to(dev), means.float().to(dev))
+        return self._device_protos
+
+    def logits(self, x, class_ids):
+        ids, protos = self.prototypes()
+        return ncm_logits(self.model.features(x), protos[self.run.columns(class_ids, ids)])
+
+    def state_dict(self):
+        return {"ids": self.ids, "sums": self.sums, "counts": self.counts}
+
+    def load_state_dict(self, state):
+        self.ids, self.sums, self.counts = state["ids"].long(), state["sums"].double(), state["counts"].double()
+        self._device_protos = None
+
+
+@torch.no_grad()
+def ncm_accuracy(run, model, train_sets, test_sets, class_ids) -> float:
+    """Top-1 (%) over every image of `test_sets` of the nearest-class-mean classifier over `class_ids`, its
+    prototypes the means of the model's current features over `train_sets` (test transforms)."""
+    s = class_feature_statistics(run, model, list(train_sets), class_ids, "ncm-means", covariance=False)
+    ids, protos = s.ids, s.means.float()
+    correct = torch.zeros((), dtype=torch.long, device=run.device)
+    total = torch.zeros((), dtype=torch.long, device=run.device)
+
+    def fn(b):
+        nonlocal correct, total
+        pred = ids[ncm_logits(model.features(b.x), protos).argmax(-1)]
+        correct += (pred == b.y).sum()
+        total += len(b.y)
+
+    was_training = model.training
+    model.eval()
+    for images in test_sets:
+        run.forward_pass(images, fn, desc="ncm-eval", train_transform=False)
+    model.train(was_training)
+    dist.all_reduce_sum_(correct)
+    dist.all_reduce_sum_(total)
+    return round(100.0 * float(correct) / max(int(total), 1), 4)
