@@ -182,3 +182,18 @@ def test_ncm_predicts_the_nearest_prototype_by_cosine():
     logits = ncm_logits(feats, protos)
     assert logits.argmax(-1).tolist() == [0, 2, 1, 2]  # the scale of a prototype does not matter, the angle does
     assert torch.allclose(logits[0, 0], torch.tensor(2.0 / (2.0 ** 2 + 0.01) ** 0.5))
+
+
+def test_inflora_ca_switches_alignment_on_unless_the_config_says_otherwise():
+    from loracl.config import load_config
+
+    c = load_config(preset="cifar100-mini", method="inflora-ca")
+    assert c.align.enabled and c.method["memory"] == "gpm" and c.method["rank"] == 5
+    assert not load_config(preset="cifar100-mini", method="inflora-ca", sets=["align.enabled=false"]).align.enabled
+    assert not load_config(preset="cifar100-mini", method="inflora").align.enabled
+    assert load_config(preset="cifar100-mini", method="seq-lora", sets=["align.enabled=true"]).align.enabled
+    c = load_config(preset="inflora-ca-cifar100")
+    assert (c.method["name"], c.method["rank"], c.align.enabled, c.align.logit_norm) == ("inflora-ca", 5, True, False)
+    assert (c.train.optimizer.name, c.train.optimizer.lr, c.train.schedule.name) == ("sgd", 0.001, "cosine")
+    c = load_config(preset="inflora-ca-imagenet-r-10")
+    assert (c.method["rank"], c.method["eps"], c.align.logit_norm, c.train.epochs) == (10, 0.95, True, 50)
