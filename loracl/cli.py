@@ -1,4 +1,4 @@
-"""The `loracl` command: run, list, compare, report, demo."""
+"""The `loracl` command: run, list, compare, report, export, predict, demo."""
 
 from __future__ import annotations
 
@@ -152,6 +152,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export
+
+    out = export(Path(args.dir), Path(args.out) if args.out else None)
+    print(f"wrote {out} (model.json and the weights)")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .export import predict, write_predictions
+
+    rows = predict(Path(args.dir), args.paths, top_k=args.top_k, batch_size=args.batch_size, device=args.device,
+                   workers=args.workers)
+    write_predictions(rows, args.out, args.format)
+    if args.out:
+        print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
+    return 0
+
+
 def cmd_demo(args) -> int:
     """The embedded demo: several methods on the bundled benchmark, then the comparison table."""
     from .compare import compare
@@ -214,6 +233,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("dir")
     rep.set_defaults(fn=cmd_report)
 
+    e = sub.add_parser("export", help="the final model of a finished run, branches merged, as a plain timm / "
+                                      "open_clip state dict (safetensors) plus head and preprocessing (JSON)")
+    e.add_argument("dir", help="run folder")
+    e.add_argument("--out", help="output folder (default RUN_DIR/export)")
+    e.set_defaults(fn=cmd_export)
+
+    pr = sub.add_parser("predict", help="top-k class names of images with a finished run's final model")
+    pr.add_argument("dir", help="run folder")
+    pr.add_argument("paths", nargs="+", help="images or folders (searched recursively)")
+    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--out", help="write here (.csv or .json; default: CSV on stdout)")
+    pr.add_argument("--format", choices=["csv", "json"], help="default: from --out's suffix, else csv")
+    pr.add_argument("--batch-size", type=int, default=64)
+    pr.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    pr.add_argument("--workers", type=int, default=0, help="image-decoding processes")
+    pr.set_defaults(fn=cmd_predict)
+
     d = sub.add_parser("demo", help="run the embedded offline demo and print the comparison")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--seed", type=int, default=0)
@@ -250,6 +286,8 @@ def main(argv=None) -> int:
     except LoraclError as e:
         print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `loracl predict ... | head`
+        return 0
     except OSError as e:
         if e.filename is None:  # not about a file the user gave: a bug, keep the traceback
             raise
