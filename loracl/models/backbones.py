@@ -215,6 +215,9 @@ class OpenCLIP(Backbone):
         super().__init__()
         open_clip = _register_tiny_clip()
         path = _check_file(cfg)
+        if path is not None and (path.parent / f"{cfg.name}.json").is_file():
+            # a custom model (assets/clip-tin32) ships its open_clip config beside its weights
+            open_clip.add_model_config(path.parent / f"{cfg.name}.json")
         tag = str(path) if path is not None else (cfg.pretrained if isinstance(cfg.pretrained, str) else None)
         if cfg.pretrained is True and path is None:
             raise WeightsError(f"open_clip model '{cfg.name}' needs a pretrained tag (e.g. backbone.pretrained: "
