@@ -2,13 +2,16 @@
 
 A dataset resolves to `DatasetSplits`: class names plus a train and a test `ImageSet`. An `ImageSet` is
 a list of (source, index, target) rows over one or more `ImageSource`s; images are read lazily with PIL,
-and an unreadable file raises one DataError that names it.
+and an unreadable file raises one DataError that names it. Every PIL mode becomes 8-bit RGB (16-bit and
+float images scaled, not clipped). What a folder holds besides classes of images (hidden or `__MACOSX`
+folders, empty class folders, other files) is skipped and reported by name before training starts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,17 +35,68 @@ class ImageSource:
         return f"{self.name}[{index}]"
 
 
+def note(msg: str) -> None:
+    """Tell the user, before training, about data that loracl left out (one process under torchrun)."""
+    from .. import dist
+
+    if dist.is_main():
+        print(f"note: {msg}", file=sys.stderr)
+
+
+def _few(names: list[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB from any PIL mode. 16-bit and 32-bit images are scaled to 0..255 (PIL's own convert clips
+    them, turning most pixels white); float images in 0..1 are scaled by 255."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        hi = float(a.max()) if a.size else 0.0
+        if im.mode.startswith("I;16") or 255 < hi <= 65535:
+            a = a / 257.0
+        elif im.mode == "F" and hi <= 1.0:
+            a = a * 255.0
+        elif hi > 255:
+            a = a * (255.0 / hi)
+        return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # what PIL asks for; then the alpha is dropped as for any RGBA image
+    return im.convert("RGB")
+
+
+def load_image(path: str) -> Image.Image:
+    """An image file as 8-bit RGB, or one DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode here, while the file is open and its errors are caught
+            return to_rgb(im)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {path} is too large to decode ({e}); shrink it, or raise PIL's "
+                        f"Image.MAX_IMAGE_PIXELS if it is trusted") from None
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e.__class__.__name__}: {e}") from None
+
+
+def image_side(path: str) -> int:
+    """The shorter side of an image file, from its header (one DataError naming the file if unreadable)."""
+    try:
+        with Image.open(path) as im:
+            return min(im.size)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image {path} is too large to decode ({e})") from None
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise DataError(f"cannot read image {path}: {e.__class__.__name__}: {e}") from None
+
+
 class FileSource(ImageSource):
     def __init__(self, paths: list[str], name: str):
         self.paths, self.name = paths, name
 
     def load(self, index: int) -> Image.Image:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except (OSError, UnidentifiedImageError, ValueError) as e:
-            raise DataError(f"cannot read image {path}: {e.__class__.__name__}: {e}") from None
+        return load_image(self.paths[index])
 
     def describe(self, index: int) -> str:
         return self.paths[index]
@@ -59,7 +113,7 @@ class TorchvisionSource(ImageSource):
             raise DataError(f"cannot read image {self.describe(index)} of {self.name}: {e}") from None
         if not isinstance(img, Image.Image):
             img = Image.fromarray(np.asarray(img))
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 class ImageSet:
@@ -213,19 +267,44 @@ def random_split(n: int, test_fraction: float, seed: int) -> tuple[np.ndarray, n
     return perm[:n_train], perm[n_train:]
 
 
+def _not_a_class(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"  # .ipynb_checkpoints, .git, macOS zip debris
+
+
 def scan_folder(root: Path) -> tuple[list[str], list[str], list[int]]:
-    """`root/<class>/<image>` -> (sorted class names, file paths, targets)."""
+    """`root/<class>/<image>` -> (sorted class names, file paths, targets). Hidden and `__MACOSX` folders are
+    not classes, class folders without images are not classes, and files that are not images are not
+    samples: each is left out and reported by name."""
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+    skipped = [d for d in dirs if _not_a_class(d)]
+    files = {}
+    other: list[str] = []
+    for c in dirs:
+        if c in skipped:
+            continue
+        files[c] = []
+        for f in sorted((root / c).iterdir()):
+            if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS:
+                files[c].append(str(f))
+            elif not f.name.startswith("."):  # .DS_Store and the like: nobody meant them as samples
+                other.append(f"{c}/{f.name}")
+    empty = [c for c in files if not files[c]]
+    if skipped:
+        note(f"image folder {root}: folders that are not classes left out: {_few(skipped)}")
+    if empty:
+        note(f"image folder {root}: class folders without images left out (not classes): {_few(empty)}")
+    if other:
+        note(f"image folder {root}: {len(other)} entries that are not images left out: {_few(other)}")
+    classes = [c for c in files if files[c]]
     if not classes:
-        raise DataError(f"image folder {root} has no class sub-folders")
+        raise DataError(f"image folder {root} has no class sub-folders with images "
+                        f"({IMG_EXTENSIONS[0]}, {IMG_EXTENSIONS[1]}, ...)")
     paths, targets = [], []
     for k, c in enumerate(classes):
-        for f in sorted((root / c).iterdir()):
-            if f.suffix.lower() in IMG_EXTENSIONS:
-                paths.append(str(f))
-                targets.append(k)
+        paths += files[c]
+        targets += [k] * len(files[c])
     return classes, paths, targets
 
 
@@ -243,19 +322,47 @@ def read_split_file(path: Path, base: Path) -> tuple[list[str], list[int] | None
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        doc = yaml.safe_load(path.read_text())
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise DataError(f"split file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(doc, dict) or "data" not in doc:
             raise DataError(f"split file {path} must hold 'data:' (and 'targets:') lists")
-        return list(doc["data"]), list(doc["targets"]) if "targets" in doc else None
+        files = [str(f) for f in doc["data"]]
+        if "targets" not in doc:
+            return files, None
+        labels = [_label(y, path, f"targets[{i}]") for i, y in enumerate(doc["targets"])]
+        if len(labels) != len(files):
+            raise DataError(f"split file {path} lists {len(files)} images but {len(labels)} targets")
+        return files, labels
     files, labels = [], []
-    for line in path.read_text().splitlines():
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
         files.append(parts[0])
         if len(parts) > 1:
-            labels.append(int(parts[1]))
+            labels.append(_label(parts[1], path, f"line {n}"))
+    if labels and len(labels) != len(files):
+        raise DataError(f"split file {path}: {len(files) - len(labels)} of {len(files)} lines have no label")
     return files, labels if labels else None
+
+
+def _label(y, path: Path, where: str) -> int:
+    try:
+        v = int(y)
+    except (TypeError, ValueError):
+        v = -1
+    if v < 0 or str(y).strip() not in (str(v), f"{v}.0"):
+        raise DataError(f"split file {path}, {where}: label '{y}' is not a class index (an integer >= 0)")
+    return v
+
+
+def _check_listed(paths: list[str], split_file: str) -> None:
+    """Every image a split file lists exists, checked before training (not an hour into it)."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise DataError(f"split file {split_file} lists {len(missing)} images that do not exist: {_few(missing, 3)}")
 
 
 def folder_with_splits(spec: DatasetSpec, root: Path, name: str) -> DatasetSplits:
@@ -284,6 +391,7 @@ def folder_with_splits(spec: DatasetSpec, root: Path, name: str) -> DatasetSplit
             strip = _listed_prefix(root, files[0]) if files else 0
             paths = [str(root.joinpath(*Path(f).parts[strip:])) if not Path(f).is_absolute() else f for f in files]
             tg = labels if labels is not None else [classes.index(Path(f).parent.name) for f in files]
+            _check_listed(paths, spec.split_files[part])
             sets[part] = ImageSet.from_source(FileSource(paths, f"{name}/{part}"), tg)
         return DatasetSplits(name, classes, sets["train"], sets["test"])
     tr = _split_dir(root, ("train",))
@@ -292,7 +400,9 @@ def folder_with_splits(spec: DatasetSpec, root: Path, name: str) -> DatasetSplit
         classes, p_tr, t_tr = scan_folder(tr)
         classes_te, p_te, t_te = scan_folder(te)
         if classes_te != classes:
-            raise DataError(f"dataset '{name}': class folders of {tr} and {te} differ")
+            only = sorted(set(classes) ^ set(classes_te))
+            raise DataError(f"dataset '{name}': the classes of {tr} and {te} differ"
+                            + (f" ({_few(only)} in only one)" if only else " (in order)"))
         return DatasetSplits(name, classes, ImageSet.from_source(FileSource(p_tr, f"{name}/train"), t_tr),
                              ImageSet.from_source(FileSource(p_te, f"{name}/test"), t_te))
     classes, paths, targets = scan_folder(root)
@@ -449,6 +559,7 @@ def _domainnet(spec: DatasetSpec) -> DatasetSplits:
             if labels is None:
                 raise DataError(f"DomainNet split file {f} must have a label column")
             paths = [str(root / x) for x in files]
+            _check_listed(paths, str(f))
             sets[part].append(ImageSet.from_source(FileSource(paths, f"domainnet/{dom}/{part}"), labels))
             if classes is None:
                 by_label = {}

@@ -92,6 +92,8 @@ def class_order(n: int, order, seed: int) -> list[int]:
 
 def split_sizes(n: int, num_tasks: int | None, sizes: list[int] | None) -> list[int]:
     if sizes:
+        if any(k <= 0 for k in sizes):
+            raise ConfigError(f"benchmark.task_sizes {sizes}: every task needs at least one class")
         if sum(sizes) != n:
             raise ConfigError(f"benchmark.task_sizes sum to {sum(sizes)} but the class order has {n} classes")
         return list(sizes)
@@ -107,6 +109,27 @@ def _remap(s: ImageSet, table: np.ndarray) -> ImageSet:
     keep = np.nonzero(tg >= 0)[0]
     s = s.subset(keep)
     return s.with_targets(tg[keep])
+
+
+def _checked(sc: Scenario) -> Scenario:
+    """Tasks that would train or test on nothing stop the run before it starts; classes without training
+    images are reported by name."""
+    from .datasets import note
+
+    for t in sc.tasks:
+        if not t.class_ids:
+            raise ConfigError(f"benchmark '{sc.name}': task {t.index} ('{t.name}') has no classes; check "
+                              f"benchmark.task_sizes / num_tasks")
+        for part in ("train", "test"):
+            if len(getattr(t, part)) == 0:
+                raise DataError(f"benchmark '{sc.name}': task {t.index} ('{t.name}', classes "
+                                f"{', '.join(t.class_names[:5])}) has no {part} images")
+        have = set(np.unique(t.train.targets).tolist())
+        empty = [n for i, n in zip(t.class_ids, t.class_names) if i not in have]
+        if empty and sc.kind != "domain-incremental":
+            note(f"task {t.index} ('{t.name}'): classes without training images: {', '.join(empty[:5])}"
+                 + (f" and {len(empty) - 5} more" if len(empty) > 5 else ""))
+    return sc
 
 
 def build_scenario(cfg: BenchmarkConfig, seed: int) -> Scenario:
@@ -130,7 +153,7 @@ def build_scenario(cfg: BenchmarkConfig, seed: int) -> Scenario:
             tasks.append(Task(t, f"task{t}", ids, names[start:start + n], tr, te,
                               _templates(ds, spec.template), ds.name))
             start += n
-        return Scenario(kind, cfg.name, tasks, names)
+        return _checked(Scenario(kind, cfg.name, tasks, names))
 
     if kind == "domain-incremental":
         tasks, names = [], None
@@ -143,7 +166,7 @@ def build_scenario(cfg: BenchmarkConfig, seed: int) -> Scenario:
                                 f"first domain's ({ds.class_names[:3]}... vs {names[:3]}...)")
             tasks.append(Task(t, spec.label or ds.name, list(range(len(names))), names, ds.train, ds.test,
                               _templates(ds, spec.template), ds.name))
-        return Scenario(kind, cfg.name, tasks, names)
+        return _checked(Scenario(kind, cfg.name, tasks, names))
 
     # cross-dataset
     tasks, names, offset = [], [], 0
@@ -157,4 +180,4 @@ def build_scenario(cfg: BenchmarkConfig, seed: int) -> Scenario:
                           _templates(ds, spec.template), ds.name))
         names.extend(ds.class_names)
         offset += n
-    return Scenario(kind, cfg.name, tasks, names)
+    return _checked(Scenario(kind, cfg.name, tasks, names))

@@ -17,19 +17,21 @@ Random parameters come from a generator seeded per batch, so runs are determinis
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.ops import roi_align
 from torchvision.transforms import CenterCrop, Resize
 
 from .. import dist
-from .datasets import ImageSet
+from ..errors import DataError
+from .datasets import ImageSet, image_side
 from .loader import make_loader
 from .transforms import Pipeline, _interp
 
@@ -42,8 +44,7 @@ def storage_size(images: ImageSet, size: int, crop_pct: float, sample: int = 32)
     for i in np.linspace(0, len(images) - 1, min(sample, len(images))).astype(int):
         src = images.sources[images.src[i]]
         if hasattr(src, "paths"):
-            with Image.open(src.paths[int(images.idx[i])]) as im:
-                sides.append(min(im.size))
+            sides.append(image_side(src.paths[int(images.idx[i])]))
         else:
             sides.append(min(images.image(int(i)).size))
     return int(min(target, max(sides)))
@@ -55,6 +56,24 @@ def _decode_into(data: torch.Tensor, images: ImageSet, geo: Pipeline, workers: i
     for x, _, _ in make_loader(images, geo, 256, num_workers=workers, augment=False, split=False):
         data[k:k + len(x)] = x
         k += len(x)
+
+
+def _reserve(path: Path, nbytes: int) -> None:
+    """Allocate the cache file's blocks before mapping it: pages of a sparse file written on a full disk
+    kill the process with SIGBUS; here a full disk is one error line."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            try:
+                os.posix_fallocate(f.fileno(), 0, nbytes)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a filesystem without fallocate
+                    raise
+                f.truncate(nbytes)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise DataError(f"cannot write the decoded-image cache {path} ({nbytes / 2**20:.0f} MiB): "
+                        f"{e.strerror or e}; free space there, or set data.cache_dir to another folder or null") from None
 
 
 class DecodedImages:
@@ -79,8 +98,8 @@ class DecodedImages:
             _decode_into(data, images, geo, workers)
         else:  # one process writes the file, then every process maps it
             if dist.is_main() and not (path.exists() and path.stat().st_size == nbytes):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                mm = np.memmap(path.with_suffix(".tmp"), dtype=np.uint8, mode="w+", shape=shape)
+                _reserve(path.with_suffix(".tmp"), nbytes)
+                mm = np.memmap(path.with_suffix(".tmp"), dtype=np.uint8, mode="r+", shape=shape)
                 _decode_into(torch.from_numpy(mm), images, geo, workers)
                 mm.flush()
                 path.with_suffix(".tmp").rename(path)
