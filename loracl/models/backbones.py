@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -57,6 +58,26 @@ def _weights_error(cfg: BackboneConfig, err: Exception, online: bool) -> Weights
         f"pretrained weights for {cfg.kind} model '{cfg.name}'{tag} not found: {how}; looked in the hub cache "
         f"{HF_HUB_CACHE}. Download them once on a machine with internet, or give a local file with "
         f"--set backbone.file=PATH (a .safetensors/.bin/.pth state dict)")
+
+
+def _file_error(path: Path, err: Exception, what: str) -> WeightsError:
+    """A weights file that would not load, as one line: the first key whose shape differs (both shapes), the
+    first missing or unexpected key, else the loader's first line (a truncated or foreign file)."""
+    text = str(err)
+    m = re.search(r"size mismatch for ([\w.]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) from "
+                  r"checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)", text)
+    if m:
+        return WeightsError(f"{what} weights {path} do not fit the model: '{m[1]}' has shape ({m[2]}) in the file "
+                            f"but ({m[3]}) in the model (another architecture? check backbone.name and kwargs)")
+    for kind, label in (("Missing", "lacks"), ("Unexpected", "has keys the model does not, e.g.")):
+        m = re.search(kind + r' key\(s\) in state_dict: "([^"]+)"', text)
+        if m:
+            n = len(re.findall(r'"[^"]+"', text.split(kind, 1)[1].split("\n")[0]))
+            return WeightsError(f"{what} weights {path} do not fit the model: the file {label} '{m[1]}'"
+                                + (f" (and {n - 1} more)" if n > 1 else "") + "; check backbone.name and kwargs")
+    first = (text.strip().splitlines() or [type(err).__name__])[0][:200]
+    return WeightsError(f"cannot load {what} weights from {path}: truncated, or not a weights file "
+                        f"({type(err).__name__}: {first})")
 
 
 def _check_file(cfg: BackboneConfig) -> Path | None:
@@ -139,12 +160,16 @@ class TimmViT(Backbone):
             if "Unknown model" in str(e):
                 raise WeightsError(f"timm has no model named '{cfg.name}' (backbone.name)") from None
             if path is not None:
-                raise WeightsError(f"cannot load backbone weights from {path}: {str(e).splitlines()[0][:200]}") from None
+                raise _file_error(path, e, "backbone") from None
             raise _weights_error(cfg, e, online) from None
         except (OSError, ValueError) as e:
             if path is not None:
-                raise WeightsError(f"cannot load backbone weights from {path}: {str(e).splitlines()[0][:200]}") from None
+                raise _file_error(path, e, "backbone") from None
             raise _weights_error(cfg, e, online) from None
+        except Exception as e:  # safetensors' and pickle's own errors on a truncated or foreign file
+            if path is None:
+                raise
+            raise _file_error(path, e, "backbone") from None
         if not hasattr(model, "blocks"):
             raise WeightsError(f"timm model '{cfg.name}' is not a ViT with .blocks; loracl adapts ViT-style models")
         head = model.get_classifier()
@@ -233,10 +258,16 @@ class OpenCLIP(Backbone):
             if "not found" in str(e) and "Model config" in str(e):
                 raise WeightsError(f"open_clip has no model named '{cfg.name}' (backbone.name)") from None
             if path is not None:
-                raise WeightsError(f"cannot load CLIP weights from {path}: {str(e).splitlines()[0][:200]}") from None
+                raise _file_error(path, e, "CLIP") from None
             raise _weights_error(cfg, e, online) from None
         except (OSError, ValueError) as e:
+            if path is not None:
+                raise _file_error(path, e, "CLIP") from None
             raise _weights_error(cfg, e, online) from None
+        except Exception as e:  # safetensors' and pickle's own errors on a truncated or foreign file
+            if path is None:
+                raise
+            raise _file_error(path, e, "CLIP") from None
         finally:
             log.setLevel(level)
         self.model = model
