@@ -162,6 +162,17 @@ class AlignConfig(Strict):
     shrink: bool = Field(True, description="draw around mean_c * (0.9 + 0.1 (task_of_c + 1) / (t + 1))")
 
 
+class PublishedRow(Strict):
+    """A number a paper printed for this protocol, shown by `loracl compare` beside the measured one."""
+
+    method: str = Field(description="loracl method name (or a method loracl lacks: shown without a measurement)")
+    metric: str = Field(description="results.json metrics key: final_acc, avg_inc_acc, transfer, average, last, ...")
+    value: float
+    std: float | None = None
+    source: str = Field(description="paper and table, or where the number was transcribed from")
+    when: dict[str, Any] = Field(default_factory=dict, description="dotted config keys a run must have to match")
+
+
 class RunConfig(Strict):
     name: str = "run"
     description: str = ""
@@ -180,6 +191,7 @@ class RunConfig(Strict):
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "seq-lora"})
     tensorboard: bool = False
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    published: list[PublishedRow] = Field(default_factory=list, description="the paper's numbers for this protocol")
 
     def epochs_for(self, task: int) -> int:
         e = self.train.epochs
