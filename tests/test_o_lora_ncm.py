@@ -79,3 +79,9 @@ def test_ncm_runs_without_training_and_scores_prototypes(tmp_path):
     m = runner.method
     assert m.ids.tolist() == list(range(20)) and m.counts.tolist() == [20.0] * 20
     json.dumps(m.state_dict()["ids"].tolist())
+    # eval.ncm's score of the final backbone: here the backbone is the frozen one, so it is the run's final accuracy
+    from loracl.methods.ncm import ncm_accuracy
+
+    tasks = runner.scenario.tasks
+    acc = ncm_accuracy(m.run, m.model, [t.train for t in tasks], [t.test for t in tasks], list(range(20)))
+    assert acc == pytest.approx(r["metrics"]["final_acc"], abs=1e-3)
