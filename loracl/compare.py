@@ -54,7 +54,7 @@ def _config_key(run: Path) -> str:
         cfg = load_config(p).model_dump(mode="json")
     except LoraclError:  # a config of an older or newer loracl: compare it as written
         cfg = yaml.safe_load(p.read_text()) or {}
-    for k in ("seed", "out", "data_root", "weights_root", "threads", "device", "tensorboard"):
+    for k in ("seed", "out", "data_root", "weights_root", "threads", "device", "tensorboard", "published"):
         cfg.pop(k, None)
     # execution settings that do not change what is computed: runs differing only here are one group
     for k in ("eval_batch_size", "num_workers", "cache_dir", "host_cache_mb", "device_cache_mb"):
@@ -87,6 +87,7 @@ def _mean_std(xs):
 def summarize(runs: list[Path]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     where: dict[tuple, set] = {}
+    configs: dict[tuple, dict] = {}
     for run in runs:
         r = json.loads((run / "results.json").read_text())
         if r.get("status") != "complete":
@@ -95,6 +96,7 @@ def summarize(runs: list[Path]) -> list[dict]:
         key = (r["benchmark"], r["method"], _config_key(run))
         groups.setdefault(key, []).append(r)
         where.setdefault(key, set()).add(run.parent.name if run.name.startswith("seed") else run.name)
+        configs.setdefault(key, _raw_config(run))
     by_method: dict[tuple, int] = {}
     for b, m, _ in groups:
         by_method[(b, m)] = by_method.get((b, m), 0) + 1
@@ -102,7 +104,8 @@ def summarize(runs: list[Path]) -> list[dict]:
     for key, rs in groups.items():
         b, m, _ = key
         label = m if by_method[(b, m)] == 1 else f"{m} ({'/'.join(sorted(where[key]))})"
-        row = {"benchmark": b, "method": label, "seeds": sorted(r["seed"] for r in rs), "metrics": {}}
+        row = {"benchmark": b, "method": label, "seeds": sorted(r["seed"] for r in rs), "metrics": {},
+               "base_method": m, "config": configs[key]}
         for k, _ in COLUMNS:
             row["metrics"][k] = _mean_std([r["metrics"].get(k) for r in rs])
         secs = [sum(x or 0 for x in r["cost"]["train_seconds_per_task"]) / max(sum(1 for x in r["cost"]["train_seconds_per_task"] if x), 1) for r in rs]
@@ -143,16 +146,78 @@ def render(rows: list[dict], ref: str | None = None) -> str:
     return "\n".join(lines) + "\n\n" + note
 
 
+def _raw_config(run: Path) -> dict:
+    import yaml
+
+    try:
+        return yaml.safe_load((run / "config.yaml").read_text()) or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _published_of(cfg: dict) -> list[dict]:
+    """The published rows a run's config carries, or (a run made before configs carried them) its preset's."""
+    if "published" in cfg:
+        return cfg["published"] or []
+    from .config import PRESET_DIR, _load_doc
+
+    p = PRESET_DIR / f"{cfg.get('name', '')}.yaml"
+    try:
+        return (_load_doc(p).get("published") or []) if p.is_file() else []
+    except LoraclError:
+        return []
+
+
+def _dotted(cfg: dict, key: str):
+    for k in key.split("."):
+        cfg = cfg.get(k) if isinstance(cfg, dict) else None
+    return cfg
+
+
+def render_published(rows: list[dict]) -> str:
+    """Each benchmark's published numbers beside the measured mean +- std of the runs they describe."""
+    lines = []
+    for bench in sorted({r["benchmark"] for r in rows}):
+        rs = [r for r in rows if r["benchmark"] == bench]
+        pubs, seen = [], set()
+        for r in rs:
+            for p in _published_of(r["config"]):
+                key = json.dumps(p, sort_keys=True)
+                if key not in seen:
+                    seen.add(key)
+                    pubs.append(p)
+        for p in pubs:
+            when = p.get("when") or {}
+            pv = f"{p['value']:.2f}" + (f" ± {p['std']:.2f}" if p.get("std") is not None else "")
+            cond = f" ({', '.join(f'{k}={v}' for k, v in when.items())})" if when else ""
+            match = [r for r in rs if r["base_method"] == p["method"]
+                     and all(_dotted(r["config"], k) == v for k, v in when.items())]
+            for r in match or [None]:
+                ms = r["metrics"].get(p["metric"], (None, None)) if r else (None, None)
+                diff = f"{ms[0] - p['value']:+.2f}" if ms[0] is not None else "–"
+                lines.append(f"| {bench} | {r['method'] if r else p['method']}{cond} | {p['metric']} | {pv} | "
+                             f"{_cell(ms)} | {diff} | {p['source']} |")
+    if not lines:
+        return ""
+    head = "| benchmark | method | metric | published | measured | difference | source |"
+    return "\n".join(["Published beside measured (difference: measured mean - published; – : not run here)", "",
+                      head, "|" + "---|" * 7] + lines)
+
+
 def compare(dirs: list[Path], out: Path | None = None, ref: str | None = None) -> str:
     runs = find_runs(dirs)
     rows = summarize(runs)
     if not rows:
         raise LoraclError("no complete runs to compare (results.json with status 'complete')")
     text = render(rows, ref)
+    pub = render_published(rows)
+    if pub:
+        text += "\n\n" + pub
     if out is None:
         common = Path(os.path.commonpath([str(p.resolve()) for p in runs]))
         out = (common if common.is_dir() else common.parent) / "comparison.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text + "\n")
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    out.with_suffix(".json").write_text(json.dumps([{k: v for k, v in r.items() if k != "config"} for r in rows],
+                                                   indent=1))
     return text + f"\n\n(written to {out})"
