@@ -220,9 +220,12 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
             q, k, v = parts
         B, L, _ = q.shape
         S = k.shape[1]
+        prefix = getattr(self, "prefix", None)  # prompt methods: per-sample (keys, values), B x P x E each
+        if prefix is not None:
+            k, v = torch.cat([prefix[0].to(k.dtype), k], 1), torch.cat([prefix[1].to(v.dtype), v], 1)
         q = q.view(B, L, H, E // H).transpose(1, 2)
-        k = k.view(B, S, H, E // H).transpose(1, 2)
-        v = v.view(B, S, H, E // H).transpose(1, 2)
+        k = k.view(B, -1, H, E // H).transpose(1, 2)
+        v = v.view(B, -1, H, E // H).transpose(1, 2)
         mask = None
         if attn_mask is not None:
             mask = attn_mask
@@ -237,6 +240,8 @@ class LoRAMultiheadAttention(nn.MultiheadAttention):
                 kpm = torch.zeros_like(kpm, dtype=q.dtype).masked_fill(kpm, float("-inf"))
             kpm = kpm.to(q.dtype).view(B, 1, 1, S)
             mask = kpm if mask is None else mask + kpm
+        if prefix is not None and mask is not None:  # prefix keys are never masked
+            mask = F.pad(mask, (prefix[0].shape[1], 0))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=bool(is_causal and mask is None))
         o = self.out_proj(o.transpose(1, 2).reshape(B, L, E))

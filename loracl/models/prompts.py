@@ -1,0 +1,236 @@
+"""Prompts for a frozen ViT or CLIP image encoder, put into its own attention modules (prefix tuning).
+
+A prompt of length L for one block is split into L/2 key tokens and L/2 value tokens (per sample,
+B x L/2 x C each) that are prepended to that block's attention keys and values; the queries and the token
+sequence stay as they are, so every block returns as many tokens as before. This is how CODA-Prompt's code
+(which InfLoRA's repository re-uses for L2P, DualPrompt and CODA-Prompt) conditions the ViT.
+
+The attention modules are not copied. Their class is swapped, as `attach_mha` does for LoRA:
+- timm `Attention` (fused qkv) becomes `PrefixAttention`: with no prefix set it calls timm's own forward
+  (bit-identical); with one, the same steps through the module's own qkv / q_norm / k_norm / norm / proj
+  submodules, so LoRA hooks on qkv still fire.
+- open_clip's nn.MultiheadAttention becomes `PrefixMultiheadAttention`, a `LoRAMultiheadAttention` (whose
+  forward reads `prefix`); with no prefix and no LoRA it calls nn.MultiheadAttention's own forward.
+
+A prompt method's module subclasses `PromptModule`: it draws the query (the frozen pretrained model's
+features, no prompts, no LoRA, no gradient), builds the per-block prefixes from it and runs the backbone
+with them set (`prefixed` always clears them). The math the methods share is here once: `split_prefix`,
+`cosine_topk`, `gram_schmidt`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import Attention
+
+from .lora import LoRALayer, LoRAMultiheadAttention
+
+Prefix = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each B x P x C
+
+
+# ---- the slots --------------------------------------------------------------------------------------------
+
+def _pad_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
+    """Extend an attention mask over n prefix keys in front; prefix keys are never masked."""
+    if mask.dtype == torch.bool:  # SDPA's boolean masks say where to attend
+        return torch.cat([mask.new_ones(*mask.shape[:-1], n), mask], -1)
+    return F.pad(mask, (n, 0))
+
+
+class PrefixAttention(Attention):
+    """timm's Attention with optional per-sample prefix keys / values."""
+
+    prefix: Prefix | None = None
+
+    def forward(self, x, attn_mask=None, **kw):
+        if self.prefix is None:
+            return super().forward(x, attn_mask=attn_mask, **kw)
+        if kw.get("is_causal"):
+            raise ValueError("prefix tuning of causal attention is not supported")
+        B, N, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        q, k, v = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        pk, pv = (p.to(k.dtype).reshape(B, -1, H, D).transpose(1, 2) for p in self.prefix)
+        # the prefix keys live where the projected keys do (before timm's optional qk-norm)
+        q, k = self.q_norm(q), self.k_norm(torch.cat([pk, k], 2))
+        v = torch.cat([pv, v], 2)
+        if attn_mask is not None:
+            attn_mask = _pad_mask(attn_mask, pk.shape[2])
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.attn_drop.p if self.training else 0.0)
+        x = self.norm(x.transpose(1, 2).reshape(B, N, H * D))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))
+
+
+class PrefixMultiheadAttention(LoRAMultiheadAttention):
+    """nn.MultiheadAttention (open_clip) with optional per-sample prefix keys / values."""
+
+    prefix: Prefix | None = None
+
+    def forward(self, query, key, value, *args, **kw):
+        if self.prefix is None and not (self.lora_in.slices or self.lora_in.taps):
+            return nn.MultiheadAttention.forward(self, query, key, value, *args, **kw)  # untouched module
+        if self.prefix is not None and kw.get("is_causal"):
+            raise ValueError("prefix tuning of causal attention is not supported")
+        return super().forward(query, key, value, *args, **kw)
+
+
+def attach_prefix(attn: nn.Module) -> nn.Module:
+    """Swap an attention module's class for its prefix-capable subclass (idempotent; no new parameters)."""
+    if isinstance(attn, (PrefixAttention, PrefixMultiheadAttention)):
+        return attn
+    if type(attn) is Attention:
+        attn.__class__ = PrefixAttention
+    elif isinstance(attn, nn.MultiheadAttention):  # plain, or already LoRA-aware
+        if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
+            raise ValueError("prefix tuning of nn.MultiheadAttention needs a fused in_proj_weight without bias_k")
+        if not isinstance(attn, LoRAMultiheadAttention):
+            attn.lora_in = LoRALayer(attn, "in_proj_weight", {})  # empty: no parameters, no state-dict keys
+        attn.__class__ = PrefixMultiheadAttention
+    else:
+        raise TypeError(f"prefix tuning supports timm's Attention and nn.MultiheadAttention, "
+                        f"not {type(attn).__name__}")
+    attn.prefix = None
+    return attn
+
+
+def prefix_dim(attn: nn.Module) -> int:
+    """Width C of a block's keys and values (a prefix token's size)."""
+    return attn.embed_dim if isinstance(attn, nn.MultiheadAttention) else attn.qkv.out_features // 3
+
+
+def prompt_slots(backbone, blocks: list[int]) -> dict[int, nn.Module]:
+    """The (prefix-capable) attention modules of the image encoder's chosen blocks."""
+    all_blocks = backbone.encoder_blocks()["image"]
+    bad = [b for b in blocks if not 0 <= b < len(all_blocks)]
+    if bad:
+        raise ValueError(f"prompt block(s) {bad} out of range: the image encoder has {len(all_blocks)} blocks")
+    return {b: attach_prefix(all_blocks[b].attn) for b in blocks}
+
+
+@contextlib.contextmanager
+def prefixed(slots: dict[int, nn.Module], prefixes: dict[int, Prefix]):
+    """Set each block's prefix for the duration of one forward; cleared whatever happens."""
+    try:
+        for b, p in prefixes.items():
+            slots[b].prefix = p
+        yield
+    finally:
+        for b in prefixes:
+            slots[b].prefix = None
+
+
+@contextlib.contextmanager
+def lora_inactive(module: nn.Module):
+    """The module computed without its LoRA branches (the query is drawn from the pretrained model)."""
+    layers = [m for m in module.modules() if isinstance(m, LoRALayer)]
+    old = [layer.active for layer in layers]
+    for layer in layers:
+        layer.active = False
+    try:
+        yield
+    finally:
+        for layer, a in zip(layers, old):
+            layer.active = a
+
+
+# ---- the math the methods share ------------------------------------------------------------------------
+
+def split_prefix(p: torch.Tensor) -> Prefix:
+    """A prompt (..., L, C) -> its first L/2 tokens as keys and its last L/2 as values, each (B, -1, C): the
+    leading dimensions after the batch (several selected prompts) are concatenated along the tokens."""
+    L = p.shape[-2]
+    if L % 2:
+        raise ValueError(f"a prefix prompt needs an even length, got {L}")
+    B, C = p.shape[0], p.shape[-1]
+    return p[..., : L // 2, :].reshape(B, -1, C), p[..., L // 2:, :].reshape(B, -1, C)
+
+
+def cosine_topk(q: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine of every query with every key (B x n) and the indices of the k most similar keys (B x k)."""
+    cos = F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).t()
+    return cos, cos.topk(k, dim=-1).indices
+
+
+@torch.no_grad()
+def gram_schmidt(new: torch.Tensor, old: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Rows of `new` (n x d) made orthonormal to each other and to the span of the rows of `old` (m x d),
+    in order. A row with no free direction left (m + n > d) stays a unit vector in its own direction."""
+    dt = new.dtype
+    basis = []
+    if old is not None and len(old):
+        U, S, _ = torch.linalg.svd(old.double().t(), full_matrices=False)
+        basis = list(U[:, S > eps * S[0]].t())
+    out = []
+    for v in new.double():
+        u = v.clone()
+        for _ in range(2):  # twice: classical Gram-Schmidt loses orthogonality in one pass
+            for b in basis:
+                u = u - (u @ b) * b
+        if u.norm() <= eps * v.norm():
+            out.append(v / v.norm())
+            continue
+        u = u / u.norm()
+        basis.append(u)
+        out.append(u)
+    return torch.stack(out).to(dt)
+
+
+def uniform_(*shape: int) -> nn.Parameter:
+    """Prompts and keys start uniform in [0, 1) as in CODA-Prompt's code (`tensor_prompt`)."""
+    return nn.Parameter(torch.rand(*shape))
+
+
+# ---- a method's prompt module ------------------------------------------------------------------------------
+
+class PromptModule(nn.Module):
+    """Owned by the model as 'prompts': `ContinualModel.features(x)` calls `features(backbone, x)`.
+
+    `task` is the latest task begun (-1 before the first: the backbone runs without prompts, so the
+    untrained model is the pretrained one); `learning` is True while the method trains on `task`.
+    `aux_loss` holds the last forward's auxiliary loss (key matching), computed inside that forward so
+    that DDP sees it; the method's `loss` adds it.
+    """
+
+    def __init__(self, blocks: list[int]):
+        super().__init__()
+        self.blocks = sorted(blocks)
+        self.task = -1
+        self.learning = False
+        self.aux_loss: torch.Tensor | None = None
+
+    def begin(self, task: int) -> None:
+        self.task, self.learning = task, True
+
+    def end(self) -> None:
+        self.learning = False
+
+    def prefixes(self, q: torch.Tensor) -> tuple[dict[int, Prefix], torch.Tensor | None]:
+        """Per-block prefixes for queries q (B x d) and the auxiliary loss (or None)."""
+        raise NotImplementedError
+
+    def trainable(self) -> list[nn.Parameter]:
+        """The parameters the current task trains."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def query(self, backbone, x: torch.Tensor) -> torch.Tensor:
+        """q(x): the frozen pretrained model's features (final-norm CLS; CLIP: image embedding)."""
+        with lora_inactive(backbone):
+            return backbone.features(x).float()
+
+    def features(self, backbone, x: torch.Tensor) -> torch.Tensor:
+        self.aux_loss = None
+        if self.task < 0:
+            return backbone.features(x)
+        slots = prompt_slots(backbone, self.blocks)
+        prefixes, self.aux_loss = self.prefixes(self.query(backbone, x))
+        with prefixed(slots, prefixes):
+            return backbone.features(x)
