@@ -82,21 +82,34 @@ def run_lock(out: Path):
                 path.unlink()
 
 
+def _differing(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two config dumps."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b), key=str)
+                for k in _differing(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
 def cmd_run(args) -> int:
     from .config import load_config
     from .train import Runner
 
     if args.resume and args.out and (Path(args.out) / "config.yaml").exists() and not (args.config or args.preset):
-        cfg = load_config(Path(args.out) / "config.yaml")
+        cfg = load_config(Path(args.out) / "config.yaml", sets=args.set or [])
     else:
         cfg = load_config(args.config, preset=args.preset, method=args.method, seed=args.seed, out=args.out,
                           sets=args.set or [])
+    if args.out:  # the folder given, not the one named in a moved or copied run's config.yaml
+        cfg.out = str(args.out)
     out = Path(cfg.out) if cfg.out else default_out(cfg)
     if args.resume and (out / "config.yaml").exists():
         saved = load_config(out / "config.yaml")
-        if saved.model_dump(exclude={"out"}) != cfg.model_dump(exclude={"out"}):
-            raise LoraclError(f"--resume: the config differs from the stopped run's {out / 'config.yaml'}; "
-                              f"resume with the same command (or: loracl run --resume --out {out})")
+        skip = {"out", "published"}
+        diff = _differing(saved.model_dump(exclude=skip), cfg.model_dump(exclude=skip))
+        if diff:
+            raise LoraclError(f"--resume: the config differs from the stopped run's {out / 'config.yaml'} in "
+                              f"{', '.join(diff[:5])}{' ...' if len(diff) > 5 else ''}; resume with the same "
+                              f"command (or: loracl run --resume --out {out})")
     if not args.resume and (out / "results.json").exists() and not args.overwrite:
         raise LoraclError(f"{out} already holds a run; add --resume to continue it or --overwrite to replace it")
     with run_lock(out):

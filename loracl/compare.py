@@ -89,7 +89,10 @@ def summarize(runs: list[Path]) -> list[dict]:
     where: dict[tuple, set] = {}
     configs: dict[tuple, dict] = {}
     for run in runs:
-        r = json.loads((run / "results.json").read_text())
+        try:
+            r = json.loads((run / "results.json").read_text())
+        except (OSError, ValueError) as e:
+            raise LoraclError(f"cannot read {run / 'results.json'}: {e}") from None
         if r.get("status") != "complete":
             continue
         _derive_metrics(r)

@@ -63,6 +63,11 @@ def load_run_model(run_dir: Path, device: str = "cpu"):
     cfg = load_config(run_dir / "config.yaml")
     method = cfg.method_name
     cls = get_method(method, str(run_dir / "config.yaml"))
+    # a method that computes its own logits (other than KeepLoRA without its `+` head, which only
+    # forwards to the model) is more than backbone + head
+    if cls.logits is not Method.logits and getattr(cls, "plus", True):
+        raise LoraclError(f"method '{method}' computes its logits itself; loracl cannot export it as a plain "
+                          f"timm / open_clip model")
     last = len(results["tasks"]) - 1
     ckpt = run_dir / "checkpoints" / f"task_{last:02d}.pt"
     if not ckpt.is_file():
@@ -71,11 +76,6 @@ def load_run_model(run_dir: Path, device: str = "cpu"):
     if "cosine" in state.get("method", {}) or cfg.head.kind == "cosine":
         raise LoraclError(f"method '{method}' scores classes with a cosine head of its own; loracl cannot "
                           f"export it as a plain timm / open_clip model")
-    # a method that computes its own logits (other than KeepLoRA without its `+` head, which only
-    # forwards to the model) is more than backbone + head
-    if cls.logits is not Method.logits and getattr(cls, "plus", True):
-        raise LoraclError(f"method '{method}' computes its logits itself; loracl cannot export it as a plain "
-                          f"timm / open_clip model")
     # the seed the runner builds the model under: tensors a run never changed are not in its checkpoints,
     # so a backbone without pretrained weights (tests, smoke runs) must come out of the same random draw
     torch.manual_seed(derive_seed(cfg.seed, "build"))
