@@ -533,3 +533,30 @@ def test_cli_in_a_subprocess_prints_one_line(tmp_path):
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert lines[-1].startswith("error: ") and str(bad) in lines[-1]
+
+
+def test_export_of_a_clip_run_loads_in_plain_open_clip(folder, tmp_path, capsys):
+    """open_clip's own `local-dir:` loader takes the export; with the text head's matrix it scores as loracl."""
+    clip = {"backbone.kind": "open_clip", "backbone.name": "loracl-tiny-clip", "backbone.pretrained": "false",
+            "backbone.file": None, "backbone.kwargs": "{}", "backbone.cfg_overlay": "{}", "head.kind": "text"}
+    rc, _ = run(capsys, tmp_path / "clip", folder, **clip)
+    assert rc == 0
+    assert main(["export", str(tmp_path / "clip"), "--out", str(tmp_path / "export")]) == 0
+    img = sorted((folder / "test" / "cat").iterdir())[0]
+    assert main(["predict", str(tmp_path / "clip"), str(img), "--format", "json", "--top-k", "4"]) == 0
+    ours = json.loads(capsys.readouterr().out.split("\n", 1)[1])[0]["top"]
+    code = f"""
+import json, sys, open_clip, torch
+from PIL import Image
+meta = json.load(open("{tmp_path}/export/model.json"))
+model, _, transform = open_clip.create_model_and_transforms("local-dir:{tmp_path}/export"); head = torch.tensor(meta["head"]["weight"])
+assert not any(m.startswith("loracl") for m in sys.modules)
+with torch.no_grad():
+    p = (torch.nn.functional.normalize(model.eval().encode_image(transform(Image.open("{img}"))[None]), dim=-1) @ head.T).softmax(-1)[0]
+print(json.dumps({{meta["classes"][i]: float(v) for i, v in enumerate(p)}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr
+    theirs = json.loads(res.stdout)
+    assert {t["class"]: t["prob"] for t in ours} == pytest.approx(theirs, abs=1e-4)
