@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import LoraclError
+from .errors import CheckpointError
 
 FORMAT = "loracl-checkpoint"
 VERSION = "1"
@@ -113,6 +113,18 @@ def _hashable(k):
     return tuple(_hashable(e) for e in k) if isinstance(k, (list, tuple)) else k
 
 
+def nonfinite(obj, where: str = "") -> list[str]:
+    """Where in a state tree floating-point tensors hold NaN or inf: a state to be called good has none."""
+    if isinstance(obj, torch.Tensor):
+        bad = obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all())
+        return [where or "top level"] if bad else []
+    if isinstance(obj, dict):
+        return [p for k, v in obj.items() for p in nonfinite(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [p for i, v in enumerate(obj) for p in nonfinite(v, f"{where}[{i}]")]
+    return []
+
+
 # ------------------------------------------------------------------------------------------------
 # files
 
@@ -142,7 +154,7 @@ def atomic_save(obj, path: Path) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-        raise LoraclError(f"cannot write checkpoint {path}: {why}; the checkpoints already written are "
+        raise CheckpointError(f"cannot write checkpoint {path}: {why}; the checkpoints already written are "
                           f"unchanged") from None
 
 
@@ -156,20 +168,20 @@ def load(path: Path):
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
-        raise LoraclError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise LoraclError(f"checkpoint {path} is a pickle file (an older loracl, or not loracl's): refused, "
+        raise CheckpointError(f"checkpoint {path} is a pickle file (an older loracl, or not loracl's): refused, "
                           f"since loading a pickle can run code; delete it to start that part again")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
-                raise LoraclError(f"{path} is not a loracl checkpoint (a safetensors file without loracl's "
+                raise CheckpointError(f"{path} is not a loracl checkpoint (a safetensors file without loracl's "
                                   f"state)")
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         return _decode(json.loads(meta["tree"]), tensors)
-    except LoraclError:
+    except CheckpointError:
         raise
     except Exception as e:  # SafetensorError, JSON and key errors: the file is damaged or not ours
         msg = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-        raise LoraclError(f"cannot read checkpoint {path}: truncated or not a loracl checkpoint ({msg})") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: truncated or not a loracl checkpoint ({msg})") from None

@@ -23,3 +23,7 @@ class WeightsError(LoraclError):
 
 class TrainingDiverged(LoraclError):
     pass
+
+
+class CheckpointError(LoraclError):
+    """A checkpoint that cannot be read (truncated, foreign, an old pickle) or written (full disk)."""
