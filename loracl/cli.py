@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 
 from . import dist
@@ -281,6 +283,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+try:
+    from torch import OutOfMemoryError as _OutOfMemory  # CUDA's (a RuntimeError, not a MemoryError)
+except ImportError:  # pragma: no cover - older torch
+    class _OutOfMemory(Exception):
+        pass
+
+
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
 def one_line(msg: str) -> str:
     """A DataLoader worker re-raises our error with its traceback folded into the message: keep our line."""
     if "Traceback" in msg:
@@ -294,6 +307,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("LORACL_PROGRESS") and getattr(args, "progress", None) is None:
         args.progress = os.environ["LORACL_PROGRESS"] not in ("0", "false")
+    if threading.current_thread() is threading.main_thread():
+        # a cluster's preemption or `kill` (SIGTERM) stops like Ctrl-C: finished tasks saved, the lock released
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.fn(args)
     except LoraclError as e:
@@ -301,6 +317,11 @@ def main(argv=None) -> int:
         return 2
     except BrokenPipeError:  # `loracl predict ... | head`
         return 0
+    except (MemoryError, _OutOfMemory) as e:
+        first = (str(e).strip().splitlines() or ["host memory"])[0][:160]
+        print(f"error: out of memory ({first}); lower data.batch_size or data.eval_batch_size, or use "
+              f"train.amp; finished tasks are saved, continue with --resume", file=sys.stderr)
+        return 2
     except OSError as e:
         if e.filename is None:  # not about a file the user gave: a bug, keep the traceback
             raise

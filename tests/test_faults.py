@@ -560,3 +560,46 @@ print(json.dumps({{meta["classes"][i]: float(v) for i, v in enumerate(p)}}))
     assert res.returncode == 0, res.stderr
     theirs = json.loads(res.stdout)
     assert {t["class"]: t["prob"] for t in ours} == pytest.approx(theirs, abs=1e-4)
+
+
+def test_sigterm_stops_like_ctrl_c(folder, tmp_path):
+    """A cluster's preemption: SIGTERM mid-task stops with one line, keeps task 0 and releases the lock."""
+    import signal
+    import time
+
+    out = tmp_path / "term"
+    argv = [sys.executable, "-m", "loracl", "run", "--preset", "cifar100-mini", "--out", str(out)]
+    for s in tiny_sets(folder, **{"train.epochs": "[1, 200]", "train.max_steps_per_epoch": None}):
+        argv += ["--set", s]
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "task_00.pt").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    err = p.communicate(timeout=60)[1].strip().splitlines()
+    assert p.returncode == 130 and "Traceback" not in "\n".join(err), err
+    assert err[-1].startswith("interrupted") and not (out / LOCK).exists()
+    assert checkpoint.load(out / "checkpoints" / "task_00.pt")["task"] == 0
+
+
+def test_out_of_memory_is_one_line(folder, tmp_path, capsys, monkeypatch):
+    from loracl.methods.baselines import SeqLoRA
+
+    def oom(self, batch, task):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(SeqLoRA, "loss", oom)
+    rc, err = run(capsys, tmp_path / "oom", folder)
+    one_line(rc, err, "out of memory", "data.batch_size")
+
+
+def test_split_file_paths_with_spaces_crlf_and_bom(tmp_path):
+    from loracl.data.datasets import read_split_file
+
+    f = tmp_path / "s.txt"
+    f.write_bytes("\ufeffmy cat/x 1.jpg 3\r\nb/y.png 0\r\n\r\n".encode())
+    assert read_split_file(f, tmp_path) == (["my cat/x 1.jpg", "b/y.png"], [3, 0])
+    f.write_text("my cat/x 1.jpg\nb/y.png\n")
+    assert read_split_file(f, tmp_path) == (["my cat/x 1.jpg", "b/y.png"], None)

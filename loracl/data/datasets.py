@@ -336,12 +336,15 @@ def read_split_file(path: Path, base: Path) -> tuple[list[str], list[int] | None
             raise DataError(f"split file {path} lists {len(files)} images but {len(labels)} targets")
         return files, labels
     files, labels = [], []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        parts = line.split()
-        if not parts:
+    for n, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
+        line = line.strip()
+        if not line:
             continue
-        files.append(parts[0])
-        if len(parts) > 1:
+        parts = line.rsplit(None, 1)
+        if len(parts) == 1 or line.lower().endswith(IMG_EXTENSIONS):  # no label (the path may hold spaces)
+            files.append(line)
+        else:
+            files.append(parts[0])
             labels.append(_label(parts[1], path, f"line {n}"))
     if labels and len(labels) != len(files):
         raise DataError(f"split file {path}: {len(files) - len(labels)} of {len(files)} lines have no label")
