@@ -23,6 +23,16 @@ CLASSES = 20
 TRAIN, TEST, RETENTION = 120, 40, 5
 
 
+# assets/clip-tin32 is not part of the demo bundle; the note keeps it listed when the bundle is rebuilt
+CLIP_FIXTURE_NOTE = (
+    "## clip-tin32/ (not part of the demo bundle)\n\n"
+    "The small pretrained CLIP fixture (`loracl-clip-tin32`, an open_clip model) that the `mini-mtil-clip` preset "
+    "and `tests/test_clip_fixture.py` use. Made by `python scripts/make_clip_fixture.py` from "
+    "`shared/data/tiny_imagenet32` (train.zip, wordnet.tsv) and `vit-s6-tin32/` above (its image tower's "
+    "initialisation); `clip-tin32/card.json` has the recipe and zero-shot accuracies, `clip-tin32/PROVENANCE.md` "
+    "the exact command, git commit and md5 sums.")
+
+
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
@@ -41,9 +51,11 @@ def main() -> None:
     ap.add_argument("--out", default="assets")
     args = ap.parse_args()
     shared, out = Path(args.shared), Path(args.out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir()
+    # only the folders made here: assets/clip-tin32 comes from scripts/make_clip_fixture.py and stays
+    for sub in ("vit-s6-tin32", "cifar100-20", "tiny-imagenet-val-5"):
+        if (out / sub).exists():
+            shutil.rmtree(out / sub)
+    out.mkdir(exist_ok=True)
 
     wsrc = shared / "weights" / "vit-s6-tin32"
     (out / "vit-s6-tin32").mkdir()
@@ -62,7 +74,8 @@ def main() -> None:
         ret += copy_first(d, out / "tiny-imagenet-val-5" / d.name, RETENTION)
     shutil.copy2(rsrc / "classes.tsv", out / "tiny-imagenet-val-5" / "classes.tsv")
 
-    total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for sub in ("vit-s6-tin32", "cifar100-20", "tiny-imagenet-val-5")
+                for p in (out / sub).rglob("*") if p.is_file())
     lines = [
         "# Provenance of the embedded demo bundle",
         "",
@@ -82,6 +95,8 @@ def main() -> None:
         "",
         f"md5 of model.safetensors: `{md5(out / 'vit-s6-tin32' / 'model.safetensors')}`",
     ]
+    if (out / "clip-tin32" / "card.json").is_file():
+        lines += ["", CLIP_FIXTURE_NOTE]
     (out / "PROVENANCE.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out} ({total / 2**20:.1f} MiB)")
 
