@@ -136,7 +136,8 @@ def export(run_dir: Path, out: Path | None = None) -> Path:
     state = {k: v for k, v in bb.model.state_dict().items() if ".lora" not in k}
     kwargs = dict(cfg.backbone.kwargs)
     if bb.family == "timm":
-        state["head.weight"], state["head.bias"] = w, b
+        name = (getattr(bb.model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+        state[f"{name}.weight"], state[f"{name}.bias"] = w, b
         kwargs["num_classes"] = len(ids)
     meta = {"format": "loracl-export/1", "family": bb.family, "name": cfg.backbone.name, "kwargs": kwargs,
             "classes": names, "class_ids": ids,
