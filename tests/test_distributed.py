@@ -49,6 +49,9 @@ CASES = {
     # the tensor pipeline: every process decodes whole sets (here: rank 0 writes the memory-mapped cache, the
     # others map it), augmentation parameters drawn for the global batch, replay samples from decoded copies
     "er-tensor": ("er", [SMALL, "data.pipeline=tensor", "data.cache_dir=@OUT@/decoded"] + SGD, None),
+    # prompts owned by the model; L2P's official key loss sums over the whole batch, across the processes' shares
+    # (DualPrompt and CODA-Prompt were checked the same way once: equal within 1e-6; left out to keep this short)
+    "l2p": ("l2p", [SMALL], 2 + 4),  # keys and block 0's pool, two head chunks
 }
 
 

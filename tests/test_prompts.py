@@ -123,11 +123,13 @@ def test_cosine_topk_on_a_constructed_pool():
     assert idx[0].tolist() == [1, 3, 2] and idx[1, 0].item() == 4
     torch.testing.assert_close(cos[0], F.normalize(q[0], dim=0)[:5])
     # the official loss indexes the B x M cosines with the B x N indices: B x B x N terms, batch-summed
-    c, i = torch.rand(2, 5), torch.tensor([[0, 1], [2, 3]])
-    official = sum(1 - c[b, i[b2, j]] for b in range(2) for b2 in range(2) for j in range(2))
-    paper = sum(1 - c[b, i[b, j]] for b in range(2) for j in range(2)) / 2
-    torch.testing.assert_close(key_matching_loss(c, i, "official"), official)
-    torch.testing.assert_close(key_matching_loss(c, i, "paper"), paper)
+    q, keys, i = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([[0, 1], [2, 3], [4, 0]])
+    c = F.normalize(q, dim=-1) @ F.normalize(keys, dim=-1).t()
+    official = sum(1 - c[b, i[b2, j]] for b in range(3) for b2 in range(3) for j in range(2))
+    paper = sum(1 - c[b, i[b, j]] for b in range(3) for j in range(2)) / 3
+    torch.testing.assert_close(key_matching_loss(q, keys, i, "official"), official)
+    torch.testing.assert_close(key_matching_loss(q, keys, i, "paper"), paper)
+    torch.testing.assert_close((1 - c[:, i]).sum(), official)  # the code's expression
 
 
 def test_gram_schmidt_is_orthonormal_to_the_earlier_span():
@@ -268,3 +270,17 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     kb = load(tmp_path / "part" / "checkpoints" / "task_01.pt")["model"]
     assert any(k.startswith("owned.prompts.") for k in ka)
     assert set(ka) == set(kb) and all(torch.equal(ka[k], kb[k]) for k in ka)
+
+
+@pytest.mark.parametrize("method,schedule", [("l2p", "constant"), ("dualprompt", "inflora-cosine"),
+                                             ("coda-prompt", "inflora-cosine")])
+def test_paper_presets_are_the_inflora_protocols_with_the_prompt_optimiser(method, schedule):
+    for protocol, epochs in (("cifar100", 20), ("imagenet-r-5", 50), ("imagenet-r-10", 50), ("imagenet-r-20", 50),
+                             ("domainnet", 5)):
+        c, base = load_config(preset=f"{method}-{protocol}"), load_config(preset=f"inflora-{protocol}")
+        assert c.method_name == method and c.method == load_config(preset="cifar100-mini", method=method).method
+        assert (c.benchmark, c.backbone, c.data) == (base.benchmark, base.backbone, base.data)
+        o = c.train.optimizer
+        assert (o.name, o.lr, o.betas, o.weight_decay, o.head_lr) == ("adam", 1e-3, (0.9, 0.999), 0.0, None)
+        assert c.train.schedule.name == schedule and c.train.epochs == epochs and c.data.batch_size == 128
+        assert c.train.loss_scope == "task" and c.head.kind == "linear"

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
+from .. import dist
 from ..models.prompts import PromptModule, cosine_topk, prefix_dim, prompt_slots, split_prefix, uniform_
 from . import register
 from .base import MethodConfig
@@ -50,10 +51,10 @@ class DualPrompts(PromptModule):
     def prefixes(self, q):
         B, t = q.shape[0], self.task
         out = {b: split_prefix(g.expand(B, -1, -1)) for b, g in zip(self.g_blocks, self.g)}
-        loss = q.new_zeros(())
+        loss = q.new_zeros(()) if self.learning else None
         for b, prompts, keys in zip(self.e_blocks, self.e, self.e_keys):
-            if self.learning:  # the true task's E-prompt
-                loss = loss + (1 - F.cosine_similarity(q, keys[t][None], dim=-1)).sum()
+            if self.learning:  # the true task's E-prompt; the key loss summed over the (global) batch
+                loss = loss + dist.world_size() * (1 - F.cosine_similarity(q, keys[t][None], dim=-1)).sum()
                 P = prompts[t].expand(B, -1, -1)
             else:  # the E-prompt of the best-matching key among the tasks begun so far
                 _, idx = cosine_topk(q, torch.stack(list(keys[: t + 1])), 1)

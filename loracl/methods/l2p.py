@@ -25,9 +25,12 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from pydantic import Field
 
-from ..models.prompts import PromptModule, cosine_topk, prefix_dim, prompt_slots, split_prefix, uniform_
+from .. import dist
+from ..models.prompts import (PromptModule, batch_total, cosine_topk, prefix_dim, prompt_slots, split_prefix,
+                              uniform_)
 from . import register
 from .base import MethodConfig
 from .prompting import PromptMethod
@@ -42,11 +45,19 @@ class L2PConfig(MethodConfig):
                                                                            "code) or per-sample mean (paper)")
 
 
-def key_matching_loss(cos: torch.Tensor, idx: torch.Tensor, variant: str) -> torch.Tensor:
-    """sum (1 - cos(q, k_i)) over the selected keys; `cos` B x M, `idx` B x N (see the module docstring)."""
-    if variant == "official":
-        return (1 - cos[:, idx]).sum()
-    return (1 - cos.gather(1, idx)).sum(1).mean()
+def key_matching_loss(q: torch.Tensor, keys: torch.Tensor, idx: torch.Tensor, variant: str) -> torch.Tensor:
+    """sum (1 - cos(q, k_i)) over the selected keys; q (B x d, no gradient), keys (M x d), idx (B x N).
+
+    official: the code's `(1 - cos_sim[:, k_idx]).sum()`, i.e. the sum over b, b', j of 1 - cos(q_b, k_idx[b', j])
+    = sum over b', j of (B - <sum_b q_b / |q_b|, k_idx[b', j] / |k|>), with the sum over the global batch under
+    torchrun (and times the world size, since DDP averages the processes' gradients); paper: per sample,
+    averaged over the batch.
+    """
+    qn, kn = F.normalize(q, dim=-1), F.normalize(keys, dim=-1)[idx]  # B x d, B x N x d
+    if variant == "paper":
+        return (1 - (kn @ qn[:, :, None]).squeeze(-1)).sum(1).mean()
+    qsum, n = batch_total(qn)
+    return dist.world_size() * (n - kn @ qsum).sum()
 
 
 class L2PPrompts(PromptModule):
@@ -60,9 +71,9 @@ class L2PPrompts(PromptModule):
         self.pool = nn.ParameterList([uniform_(cfg.pool, cfg.length, dims[b]) for b in self.blocks])
 
     def prefixes(self, q):
-        cos, idx = cosine_topk(q, self.keys, self.top_k)
+        _, idx = cosine_topk(q, self.keys, self.top_k)
         prefixes = {b: split_prefix(P[idx]) for b, P in zip(self.blocks, self.pool)}  # P[idx]: B x N x L x C
-        return prefixes, key_matching_loss(cos, idx, self.key_loss)
+        return prefixes, key_matching_loss(q, self.keys, idx, self.key_loss) if self.learning else None
 
     def trainable(self):
         return [self.keys, *self.pool]  # the pool is shared by all tasks

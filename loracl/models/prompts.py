@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention
 
+from .. import dist
 from .lora import LoRALayer, LoRAMultiheadAttention
 
 Prefix = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each B x P x C
@@ -181,6 +182,14 @@ def gram_schmidt(new: torch.Tensor, old: torch.Tensor | None = None, eps: float 
         basis.append(u)
         out.append(u)
     return torch.stack(out).to(dt)
+
+
+def batch_total(qn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sum of the rows of qn (no gradient) and their number over the whole batch: under torchrun a
+    batch-summed loss must see every process's share, as a single process sees the batch."""
+    s = torch.cat([qn.detach().sum(0), qn.new_full((1,), len(qn))])
+    dist.all_reduce_sum_(s)
+    return s[:-1], s[-1]
 
 
 def uniform_(*shape: int) -> nn.Parameter:
