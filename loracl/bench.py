@@ -23,44 +23,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
-import platform
 import resource
 import statistics
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .data.loader import make_loader
 from .errors import LoraclError
 from .flops import FlopMeter
 from .methods import Batch
-
-
-# --------------------------------------------------------------------------------------------------
-# the official InfLoRA forward, for comparison: sum every task's branch into a dense d_out x d_in matrix
-
-
-def _dense_delta(layer, branches, x):
-    """Every branch's up @ down summed into one d_out x d_in matrix, applied to x (the official forward)."""
-    delta_w = torch.stack([br.scale * (br.up @ br.down) for br in branches]).sum(0)
-    return F.linear(x.to(delta_w.dtype) if not torch.is_autocast_enabled() else x, delta_w)
-
-
-@contextlib.contextmanager
-def official_forward(adapter):
-    """Within the block, adapted layers sum their branches as the official InfLoRA code does."""
-    for layer in adapter.layers:
-        layer.branch_delta = types.MethodType(_dense_delta, layer)
-    try:
-        yield
-    finally:
-        for layer in adapter.layers:
-            del layer.branch_delta
+from .bench_report import WAYS, machine_info, render, summary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -80,7 +55,7 @@ def _time_steps(run, task, batch, params, steps: int, warmup: int) -> float:
         _sync(run.device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        with run.amp_context():
+        with run.services.amp_context():
             loss = method.loss(batch, task)
         loss.backward()
         opt.step()
@@ -123,7 +98,8 @@ def holding(run, tasks: int, rank: int, way: str, seed: int = 0):
             if way == "merged":
                 for _ in range(tasks - 1):
                     s.merge(0)
-        with official_forward(adapter) if way == "official" else contextlib.nullcontext():
+        # "official": every task's up @ down summed into a dense d_out x d_in matrix in each forward
+        with adapter.dense_sums() if way == "official" else contextlib.nullcontext():
             yield ups
     finally:
         adapter.clear()
@@ -132,16 +108,12 @@ def holding(run, tasks: int, rank: int, way: str, seed: int = 0):
                 s.weight().copy_(saved[id(s)])
 
 
-WAYS = {"merged": "merged into W (loracl)", "branches": "kept, summed low-rank",
-        "official": "kept, summed dense (official code)"}
-
-
 def step_cost(run, task, tasks: list[int], steps: int = 10, warmup: int = 2, rank: int | None = None,
               repeats: int = 1) -> dict:
     """Seconds per step at each task count in `tasks`, for the three ways of holding earlier branches; the
     whole sweep runs `repeats` times and each cell keeps its fastest, so other load hits every cell alike."""
     rank = rank or getattr(run.method.cfg, "rank", 8)
-    batch = Batch(*next(iter(run.batches(task.train, train=True, seed_parts=("bench",)))))
+    batch = Batch(*next(iter(run.data.batches(task.train, train=True, seed_parts=("bench",)))))
     out = {"batch_size": len(batch.y), "rank": rank, "sites": len(run.model.adapter.sites), "tasks": tasks,
            "seconds": {way: [] for way in WAYS}}
     run.model.train(run.cfg.train.model_mode == "train")
@@ -161,19 +133,19 @@ def step_cost(run, task, tasks: list[int], steps: int = 10, warmup: int = 2, ran
 def stats_share(run, task, epochs: int | None = None) -> dict:
     """Time a real task of the method: begin_task, one training epoch, end_task."""
     epochs = epochs or run.cfg.epochs_for(task.index)
-    run.current_task = task
-    run.phase_seconds.clear()  # the passes of this task only
+    run.trainer.current_task = task
+    run.record.phase_seconds.clear()  # the passes of this task only
     t0 = time.perf_counter()
     run.method.begin_task(task)
     _sync(run.device)
     t1 = time.perf_counter()
-    run.fit(task, phase="train", images=task.train, epochs=1)
+    run.services.fit(task, phase="train", images=task.train, epochs=1)
     t2 = time.perf_counter()
     run.method.end_task(task)
     _sync(run.device)
     t3 = time.perf_counter()
     hooks, epoch = (t1 - t0) + (t3 - t2), t2 - t1
-    passes = {k: round(v, 3) for k, v in run.phase_seconds.items() if k != "train"}  # every pass of the hooks
+    passes = {k: round(v, 3) for k, v in run.record.phase_seconds.items() if k != "train"}  # every pass of the hooks
     return {"images": len(task.train), "begin_task_s": round(t1 - t0, 3), "end_task_s": round(t3 - t2, 3),
             "stats_passes_s": passes, "epoch_s": round(epoch, 3), "epochs": epochs,
             "share": hooks / (hooks + epochs * epoch)}
@@ -204,14 +176,15 @@ def _reset_peak(device) -> None:
 
 def stats_pass(run, task) -> tuple[float | None, int]:
     """The passes over the task that the method makes in `begin_task`: (seconds or None, images)."""
-    run.phase_seconds.clear()
-    run.flops.reset()
-    run.current_task = task
+    rec = run.record
+    rec.phase_seconds.clear()
+    rec.flops.reset()
+    run.trainer.current_task = task
     run.method.begin_task(task)
-    keys = list(run.phase_seconds)  # every pass begin_task makes (InfLoRA: statistics; KeepLoRA: gradient)
+    keys = list(rec.phase_seconds)  # every pass begin_task makes (InfLoRA: statistics; KeepLoRA: gradient)
     if not keys:
         return None, 0
-    return sum(run.phase_seconds[k] for k in keys), int(sum(run.flops.by_phase[k] for k in keys))
+    return sum(rec.phase_seconds[k] for k in keys), int(sum(rec.flops.by_phase[k] for k in keys))
 
 
 # ---- the naive reference: fp32, PIL DataLoader, every branch summed dense, a host sync per step ----------
@@ -226,12 +199,12 @@ def reference_train(run, task, images, params, warmup: int = 2) -> float:
 
     def epoch(seed, limit=None):
         total = 0.0
-        for b, (x, y, rows) in enumerate(make_loader(images, run.train_tf, bs, seed=seed, shuffle=True,
+        for b, (x, y, rows) in enumerate(make_loader(images, run.data.train_tf, bs, seed=seed, shuffle=True,
                                                       num_workers=run.cfg.data.num_workers)):
             if limit is not None and b >= limit:
                 break
             opt.zero_grad(set_to_none=True)
-            loss = run.method.loss(Batch(run.prepare(x, True), y.to(dev), rows), task)
+            loss = run.method.loss(Batch(run.data.prepare(x, True), y.to(dev), rows), task)
             loss.backward()
             opt.step()
             total += loss.item()
@@ -251,24 +224,18 @@ def reference_eval(run, images, class_ids) -> float:
     run.model.eval()
     correct = 0
     t0 = time.perf_counter()
-    for x, y, _ in make_loader(images, run.test_tf, run.cfg.data.batch_size, augment=False,
+    for x, y, _ in make_loader(images, run.data.test_tf, run.cfg.data.batch_size, augment=False,
                                num_workers=run.cfg.data.num_workers):
-        pred = class_ids[run.method.logits(run.prepare(x, False), class_ids).argmax(-1)]
+        pred = class_ids[run.method.logits(run.data.prepare(x, False), class_ids).argmax(-1)]
         correct += int((pred.cpu() == y).sum())
     _sync(run.device)
     return time.perf_counter() - t0
 
 
-@contextlib.contextmanager
 def reference_settings(run):
-    """The run's config switched to the reference's data path and precision (for the method's own passes)."""
-    d, tr = run.cfg.data, run.cfg.train
-    saved = (d.pipeline, d.eval_batch_size, tr.amp)
-    d.pipeline, d.eval_batch_size, tr.amp = "pil", d.batch_size, "none"
-    try:
-        yield
-    finally:
-        d.pipeline, d.eval_batch_size, tr.amp = saved
+    """The run under the reference's data path and precision (for the method's own passes)."""
+    return run.settings(**{"data.pipeline": "pil", "data.eval_batch_size": run.cfg.data.batch_size,
+                           "train.amp": "none"})
 
 
 def _fast_side(run, task, train_images, test_images, stats_task, tasks, rank) -> tuple:
@@ -277,17 +244,15 @@ def _fast_side(run, task, train_images, test_images, stats_task, tasks, rank) ->
     with holding(run, tasks, rank, "merged") as ups:
         params = _trainable(run, task, ups)
         groups = {"backbone": ups, "head": params[len(ups):]}
-        cap = run.cfg.train.max_steps_per_epoch
-        run.cfg.train.max_steps_per_epoch = 2  # warm-up: decode caches, kernels, compile
-        run.fit(task, phase="bench-warmup", images=train_images, epochs=1, groups=groups)
-        run.cfg.train.max_steps_per_epoch = cap
-        run.phase_seconds.clear()
-        run.fit(task, phase="bench-train", images=train_images, epochs=1, groups=groups)
-        train_s = run.phase_seconds["bench-train"]
-        run.accuracy(test_images, task.class_ids)  # warm-up: builds the eval cache
+        # warm-up: decode caches, kernels, compile
+        run.trainer.fit(task, phase="bench-warmup", images=train_images, epochs=1, groups=groups, max_steps=2)
+        run.record.phase_seconds.clear()
+        run.services.fit(task, phase="bench-train", images=train_images, epochs=1, groups=groups)
+        train_s = run.record.phase_seconds["bench-train"]
+        run.evaluator.accuracy(test_images, task.class_ids)  # warm-up: builds the eval cache
         _sync(run.device)
         t0 = time.perf_counter()
-        run.accuracy(test_images, task.class_ids)
+        run.evaluator.accuracy(test_images, task.class_ids)
         eval_s = time.perf_counter() - t0
         stats = stats_pass(run, stats_task)
     return (train_s, eval_s, *stats)
@@ -298,7 +263,7 @@ def _reference_side(run, task, train_images, test_images, stats_task, tasks, ran
     with holding(run, tasks, rank, "official") as ups:
         params = _trainable(run, task, ups)
         train_s = reference_train(run, task, train_images, params)
-        eval_s = reference_eval(run, test_images, run.class_tensor(task.class_ids))
+        eval_s = reference_eval(run, test_images, run.data.class_tensor(task.class_ids))
         with reference_settings(run):
             stats = stats_pass(run, stats_task)
     return (train_s, eval_s, *stats)
@@ -311,9 +276,7 @@ def throughput(run, task, train_images, test_images, tasks: int, rank: int | Non
     n_train, n_test = len(train_images), len(test_images)
     out = {"tasks": tasks, "rank": rank, "train_images": n_train, "eval_images": n_test,
            "batch_size": run.cfg.data.batch_size, "eval_batch_size": run.cfg.data.eval_batch_size,
-           "pipeline": "tensor" if run._tensor_pipeline() else "pil",
-           "amp": run.cfg.train.amp if run.cfg.train.amp != "auto" else
-           ("bf16" if run.device.type == "cuda" else "none"),
+           "pipeline": "tensor" if run.data.tensor_pipeline else "pil", "amp": run.precision.mode,
            "compile": run.cfg.train.compile}
     stats_task = dataclasses.replace(task, train=train_images)
 
@@ -341,68 +304,6 @@ def throughput(run, task, train_images, test_images, tasks: int, rank: int | Non
 
 
 SECTIONS = ("stats", "steps", "throughput")
-
-
-def render(res: dict) -> str:
-    lines = [f"loracl bench: {res['method']} on {res['preset']} ({res['backbone']}), device {res['device']}, "
-             f"{res['threads']} CPU threads"]
-    if "stats" in res:
-        s = res["stats"]
-        lines += ["", f"statistics passes and memory update (task 1, {s['images']} training images):",
-                  f"  begin_task {s['begin_task_s']:.2f} s + end_task {s['end_task_s']:.2f} s "
-                  f"(passes {', '.join(f'{k} {v:.2f} s' for k, v in s['stats_passes_s'].items())}); "
-                  f"one epoch {s['epoch_s']:.2f} s",
-                  f"  share of a task at {s['epochs']} epochs: {100 * s['share']:.1f}%"]
-        for e in (20, 50):
-            if e != s["epochs"]:
-                h = s["begin_task_s"] + s["end_task_s"]
-                lines.append(f"  share at {e} epochs (same per-epoch cost): {100 * h / (h + e * s['epoch_s']):.1f}%")
-    if "steps" in res:
-        st = res["steps"]
-        ts = st["tasks"]
-        lines += ["", f"seconds per training step (batch {st['batch_size']}, rank {st['rank']}, {st['sites']} adapted "
-                      f"projections), earlier tasks' branches held three ways:",
-                  "  " + f"{'':34s}" + "".join(f"{'task ' + str(t):>12s}" for t in ts) + f"{'last/first':>12s}"]
-        for mode, label in WAYS.items():
-            v = st["seconds"][mode]
-            lines.append("  " + f"{label:34s}" + "".join(f"{x:12.4f}" for x in v) + f"{v[-1] / v[0]:12.2f}")
-        m, o = st["seconds"]["merged"][-1], st["seconds"]["official"][-1]
-        lines.append(f"  at task {ts[-1]}: official / merged = {o / m:.2f}x")
-    if "throughput" in res:
-        tp = res["throughput"]
-        mem = "CUDA max allocated" if tp["peak_memory_kind"].startswith("cuda") else "process max RSS (CPU)"
-
-        def rate(v):
-            return f"{v:12.1f}" if v else f"{'-':>12s}"
-
-        lines += ["", f"images/s at task {tp['tasks']} ({tp['tasks'] - 1} earlier branches, rank {tp['rank']}), "
-                      f"{tp['train_images']} training / {tp['eval_images']} test images"
-                      f"{' (synthetic)' if res.get('synthetic_data') else ''}:",
-                  f"  loracl: {tp['pipeline']} pipeline, amp {tp['amp']}, earlier branches merged, batch "
-                  f"{tp['batch_size']}, eval batch {tp['eval_batch_size']}",
-                  f"  reference: fp32, PIL DataLoader, every branch summed dense, eval batch {tp['batch_size']}",
-                  "  " + f"{'':14s}{'loracl':>12s}{'reference':>12s}{'ratio':>12s}"]
-        for label, k in (("training", "train"), ("evaluation", "eval"), ("stats passes", "stats")):
-            a, b = tp[f"{k}_images_per_s"], tp[f"reference_{k}_images_per_s"]
-            lines.append("  " + f"{label:14s}" + rate(a) + rate(b) + (f"{a / b:12.2f}" if a and b else f"{'-':>12s}"))
-        lines.append(f"  peak memory ({mem}): loracl {tp['peak_memory_bytes'] / 2**20:.0f} MiB, after the "
-                     f"reference {tp['reference_peak_memory_bytes'] / 2**20:.0f} MiB")
-    return "\n".join(lines)
-
-
-def machine_info() -> dict:
-    """Where the numbers were measured."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_model": cpu,
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _config(args):
@@ -445,26 +346,6 @@ def _first(images, n: int):
     return images.subset(np.arange(min(n, len(images))))
 
 
-def summary(res: dict) -> dict:
-    """The flat keys `--json` promises, from the sections that ran."""
-    out = {k: res[k] for k in ("preset", "method", "backbone", "img_size", "device", "synthetic_data")}
-    tp, st, sh = res.get("throughput"), res.get("steps"), res.get("stats")
-    if tp:
-        for k in ("train_images_per_s", "reference_train_images_per_s", "speedup", "eval_images_per_s",
-                  "reference_eval_images_per_s", "eval_speedup", "stats_images_per_s",
-                  "reference_stats_images_per_s", "peak_memory_bytes", "peak_memory_kind",
-                  "reference_peak_memory_bytes", "batch_size", "train_images", "eval_images", "tasks"):
-            out[k] = tp[k]
-    if st:
-        out["step_seconds_first_task"] = st["seconds"]["merged"][0]
-        out["step_seconds_last_task"] = st["seconds"]["merged"][-1]
-        out["step_tasks"] = [st["tasks"][0], st["tasks"][-1]]
-    if sh:
-        out["stats_fraction_of_task"] = sh["share"]
-    out["machine"] = res["machine"]
-    return out
-
-
 def run_bench(args) -> dict:
     from .train import Runner
 
@@ -473,8 +354,8 @@ def run_bench(args) -> dict:
         torch.set_num_threads(cfg.threads)
     scenario, synthetic = _scenario(cfg, args)
     with tempfile.TemporaryDirectory() as tmp:
-        run = Runner(cfg, Path(tmp), progress=False, log=lambda *a, **k: None, scenario=scenario)
-        run.flops = ImageCount()
+        run = Runner(cfg, Path(tmp), progress=False, log=lambda *a, **k: None, scenario=scenario,
+                     meter=ImageCount())
         run.method.setup()
         task = run.scenario.tasks[0]
         train, test = _first(task.train, args.images), _first(task.test, args.images)
@@ -484,7 +365,7 @@ def run_bench(args) -> dict:
         if "stats" in args.sections:
             res["stats"] = stats_share(run, dataclasses.replace(task, train=train), args.epochs)
         else:
-            run.current_task = task
+            run.trainer.current_task = task
             run.method.begin_task(task)
         if "steps" in args.sections:
             res["steps"] = step_cost(run, task, args.tasks, steps=args.steps, warmup=args.warmup,

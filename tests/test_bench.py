@@ -4,7 +4,7 @@ end to end on the fixture (no timing is asserted: it is a benchmark, not a timed
 import pytest
 import torch
 
-from loracl.bench import official_forward
+from loracl.models.branches import DenseSum
 
 
 def test_official_dense_sum_equals_low_rank_sum_and_merge(tiny_vit):
@@ -21,10 +21,10 @@ def test_official_dense_sum_equals_low_rank_sum_and_merge(tiny_vit):
     x = torch.randn(2, 3, 32, 32, generator=g)
     with torch.no_grad():
         low_rank = tiny_vit(x)
-        with official_forward(ad):
-            assert all("branch_delta" in vars(layer) for layer in ad.layers)  # the dense sum is what runs
-            dense = tiny_vit(x)
-        assert not any("branch_delta" in vars(layer) for layer in ad.layers)  # patch removed
+        with ad.dense_sums():
+            assert all(len(s.branches) == 1 and isinstance(s.branches[0], DenseSum) for s in ad.sites)
+            dense = tiny_vit(x)  # the dense sum is what runs
+        assert all(len(s.branches) == 3 and not isinstance(s.branches[0], DenseSum) for s in ad.sites)
         ad.merge_all()
         merged = tiny_vit(x)
     torch.testing.assert_close(dense, low_rank, atol=1e-5, rtol=1e-5)
@@ -115,9 +115,9 @@ def test_reference_and_fast_path_compute_the_same_loss(tmp_path):
                  scenario=synthetic_scenario(3, 10, 8, 8, 32))
     run.method.setup()
     task = run.scenario.tasks[0]
-    run.current_task = task
+    run.trainer.current_task = task
     run.method.begin_task(task)
-    batch = Batch(*next(iter(run.batches(task.train, train=False, shuffle=False))))
+    batch = Batch(*next(iter(run.data.batches(task.train, train=False, shuffle=False))))
     losses = {}
     for way in ("merged", "branches", "official", "none"):
         with holding(run, 3 if way != "none" else 1, 4, way if way != "none" else "merged", seed=1) as ups:
@@ -125,7 +125,7 @@ def test_reference_and_fast_path_compute_the_same_loss(tmp_path):
                 g = torch.Generator().manual_seed(2)
                 for u in ups:
                     u.copy_(0.05 * torch.randn(u.shape, generator=g))
-            with run.amp_context():
+            with run.services.amp_context():
                 losses[way] = run.method.loss(batch, task).item()
     assert losses["official"] == pytest.approx(losses["merged"], rel=1e-5)
     assert losses["branches"] == pytest.approx(losses["merged"], rel=1e-5)

@@ -63,7 +63,7 @@ def _conversions(tmp_path, method, extra, steps, eval_batch) -> collections.Coun
                     setattr(torch.Tensor, name, original)
         return call
 
-    r.fit, r.accuracy = spied(r.fit), spied(r.accuracy)
+    r.trainer.fit, r.evaluator.accuracy = spied(r.trainer.fit), spied(r.evaluator.accuracy)
     assert r.run()["status"] == "complete"
     return hits
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loracl.methods.baselines import kaiming_down
+from loracl.models.branches import new_branch_factors
 from loracl.methods.inflora import design_down_projection
 from loracl.models.lora import build_sites
 from loracl.stats import layer_input_moments
@@ -116,7 +116,7 @@ class Toy:
         if inflora:
             down = design_down_projection(self.moments(X), self.memory.free_basis("toy"), RANK)
         else:  # sequential LoRA control: a random down-projection
-            down = kaiming_down(RANK, D)
+            down = new_branch_factors(RANK, D, D)[0]
         br = self.site.add_branch(down, torch.zeros(D, RANK), train_down=False)
         head = torch.nn.Linear(D, 3)
         self.heads.append(head)

@@ -63,7 +63,7 @@ def test_merged_equals_sum_of_branches(merged_run, tmp_path):
     assert kept.model.adapter.live_branches() == 2 * len(kept.model.adapter.sites)
     assert merged_run.model.adapter.live_branches() == 0
     x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    x = merged_run.test_tf.finish((x * 255).to(torch.uint8))
+    x = merged_run.data.test_tf.finish((x * 255).to(torch.uint8))
     with torch.no_grad():
         a, b = merged_run.model.features(x), kept.model.features(x)
     torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)

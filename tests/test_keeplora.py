@@ -124,9 +124,9 @@ def test_init_and_subtract_keeps_the_function_on_clip(tmp_path, variant):
         ref = principal_basis(s.weight().detach().float(), eps, side="left" if variant == "official" else "right")
         torch.testing.assert_close(m.bases[s.name], ref)
     task = r.scenario.tasks[1]
-    r.current_task = task
-    ids = r.class_tensor(task.class_ids)
-    x, _ = next(iter(r.eval_batches(task.test)))
+    r.trainer.current_task = task
+    ids = r.data.class_tensor(task.class_ids)
+    x, _ = next(iter(r.data.eval_batches(task.test)))
     text = r.model.head.prompts
     with torch.no_grad():
         before = m.logits(x, ids)
@@ -145,7 +145,7 @@ def test_init_and_subtract_keeps_the_function_on_clip(tmp_path, variant):
         torch.testing.assert_close(m.logits(x, ids), before, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(r.model.features(x), feats0, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(r.model.backbone.encode_text(tok), txt0, atol=1e-5, rtol=1e-4)
-    assert "keeplora-gradient" in r.phase_seconds
+    assert "keeplora-gradient" in r.record.phase_seconds
 
 
 @pytest.mark.shared
@@ -156,11 +156,11 @@ def test_updates_stay_in_the_residual_subspace_and_memory_grows(tmp_path):
     _start(r)
     m = r.method
     for t in r.scenario.tasks[:2]:
-        r.current_task = t
+        r.trainer.current_task = t
         M0 = {k: v.clone() for k, v in m.bases.items()}
         W0 = _weights(r)
         m.begin_task(t)
-        r.fit(t, phase="train", images=t.train, epochs=1)
+        r.services.fit(t, phase="train", images=t.train, epochs=1)
         m.end_task(t)
         assert r.model.adapter.live_branches() == 0
         moved = 0
@@ -186,16 +186,16 @@ def test_gradient_estimate_is_the_dataset_mean_and_holds_one_gradient_set(tmp_pa
     m = r.method
     task = r.scenario.tasks[0]
     task.train = task.train.subset(np.arange(40))
-    r.current_task = task
+    r.trainer.current_task = task
     m.add_task_classes(task)
     seen = []
-    orig = r.forward_pass
+    orig = r.services.forward_pass
 
     def spy(*a, **k):
         seen.append([n for n, p in r.model.named_parameters() if p.requires_grad])
         return orig(*a, **k)
 
-    r.forward_pass = spy
+    r.services.forward_pass = spy
     r.cfg.data.batch_size = 16  # batches of 16, 16, 8
     g_batches = {k: v.clone() for k, v in m.estimate_gradients(task).items()}
     r.cfg.data.batch_size = 64  # one batch
@@ -217,10 +217,10 @@ def test_plus_class_means_from_the_gradient_pass_equal_a_separate_pass(tmp_path)
                        "data.train_augment": "none"})  # the two passes draw their own crops otherwise
         _start(r)
         m, task = r.method, r.scenario.tasks[0]
-        r.current_task = task
+        r.trainer.current_task = task
         passes = []
-        orig = r.forward_pass
-        r.forward_pass = lambda images, fn, **k: (passes.append(k["desc"]), orig(images, fn, **k))
+        orig = r.services.forward_pass
+        r.services.forward_pass = lambda images, fn, **k: (passes.append(k["desc"]), orig(images, fn, **k))
         m.begin_task(task)
         assert ("keeplora+-class-means" in passes) != shared, passes
         ref = ClassMeans(m, task)
@@ -247,7 +247,7 @@ def test_end_to_end_keeplora_plus_on_clip(tmp_path):
     r = Runner(done.cfg, tmp_path / "keeplora+", resume=True, progress=False, log=lambda *a, **k: None)
     r.method.setup()
     initial = sum(r.method.protected_dims().values())
-    assert r._restore()[0] == 5
+    assert r.checkpoints.restore()[0] == 5
     assert len(r.method.cosine.chunks) == 5
     assert sum(r.method.protected_dims().values()) > initial
 

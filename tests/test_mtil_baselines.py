@@ -42,8 +42,8 @@ def test_zeroshot_rows_are_the_zero_shot_row(tmp_path):
 
 def test_zeroshot_needs_a_text_head(tmp_path):
     r = _run(tmp_path, "zeroshot", clip=False)
-    with pytest.raises(ConfigError, match="head"):
-        r.method.setup()
+    with pytest.raises(ConfigError, match="head"):  # refused by the method's check, before anything runs
+        r.run()
 
 
 @pytest.mark.parametrize("method,extra", [("seq-ft", {}),

@@ -160,14 +160,14 @@ class _Stop(Exception):
 
 def _stop_after_steps(run, task, steps):
     """Run until `steps` training steps of `task` are done (each checkpointed), then stop as a crash would."""
-    orig = run._save_step
+    orig = run.checkpoints.save_step
 
     def save_and_maybe_stop(t, opt, sched, scaler, epoch, batch, step):
         orig(t, opt, sched, scaler, epoch, batch, step)
         if t.index == task and step >= steps:
             raise _Stop
 
-    run._save_step = save_and_maybe_stop
+    run.checkpoints.save_step = save_and_maybe_stop
     with pytest.raises(_Stop):
         run.run()
     assert (run.out / "checkpoints" / "step.pt").exists()
@@ -225,8 +225,8 @@ def test_memory_batches_through_the_tensor_pipeline_match_pil(tmp_path, method):
         got[p] = run.method.memory_batch(rows)
     assert torch.equal(got["tensor"].y, got["pil"].y)
     assert torch.allclose(got["tensor"].x, got["pil"].x, atol=1e-6)
-    assert runs["tensor"].method.memory.gather(rows, runs["tensor"].decoded_rows) is not None
-    assert runs["pil"].method.memory.gather(rows, runs["pil"].decoded_rows) is None
+    assert runs["tensor"].method.memory.gather(rows, runs["tensor"].services.decoded_rows) is not None
+    assert runs["pil"].method.memory.gather(rows, runs["pil"].services.decoded_rows) is None
     # a process's share equals its slice of the whole batch
     part = runs["tensor"].method.memory_batch(rows, keep=slice(1, 3))
     assert torch.equal(part.y, got["tensor"].y[1:3])

@@ -9,6 +9,7 @@ from conftest import smoke_sets
 from loracl.cli import main
 from loracl.methods import register
 from loracl.methods.baselines import SeqLoRA
+from loracl.engine.checkpoints import CheckpointManager
 from loracl.train import Runner
 
 pytestmark = pytest.mark.shared
@@ -91,7 +92,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
     rc, full = run(tmp_path, sets=sets, name="full")
     assert rc == 0
     saves = {"n": 0}
-    orig = Runner._save_step
+    orig = CheckpointManager.save_step
 
     def crash_in_task1(self, *a, **k):
         orig(self, *a, **k)
@@ -99,10 +100,10 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
         if saves["n"] == 4:  # second step checkpoint of task 1
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(Runner, "_save_step", crash_in_task1)
+    monkeypatch.setattr(CheckpointManager, "save_step", crash_in_task1)
     rc, part = run(tmp_path, sets=sets, name="part")
     assert rc == 130 and (part / "checkpoints" / "step.pt").exists()
-    monkeypatch.setattr(Runner, "_save_step", orig)
+    monkeypatch.setattr(CheckpointManager, "save_step", orig)
     rc, part = run(tmp_path, "--resume", sets=sets, name="part")
     assert rc == 0
     a, b = results(full), results(part)

@@ -11,10 +11,12 @@ from .base import Batch, LoRAOptions, Method, MethodConfig
 REGISTRY: dict[str, type[Method]] = {}
 
 
-
 def register(cls: type[Method]) -> type[Method]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two methods are named '{cls.name}': {REGISTRY[cls.name].__module__}."
+                         f"{REGISTRY[cls.name].__name__} and {cls.__module__}.{cls.__name__}")
     REGISTRY[cls.name] = cls
     return cls
 

@@ -8,19 +8,8 @@
 
 from __future__ import annotations
 
-import math
-
-import torch
-
 from . import register
 from .base import LoRAOptions, Method
-
-
-def kaiming_down(rank: int, d_in: int) -> torch.Tensor:
-    """PEFT's default LoRA init of the down factor (kaiming-uniform with a = sqrt(5)); up starts at zero."""
-    w = torch.empty(rank, d_in)
-    torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5))
-    return w
 
 
 class LoRAMethod(Method):
@@ -35,7 +24,7 @@ class LoRAMethod(Method):
 
     def new_branches(self):
         for s in self.model.adapter.sites:
-            s.add_branch(kaiming_down(self.cfg.rank, s.d_in), torch.zeros(s.d_out, self.cfg.rank), self.cfg.scale)
+            s.add_fresh_branch(self.cfg.rank, self.cfg.scale)
 
     def begin_task(self, task):
         self.add_task_classes(task)

@@ -68,7 +68,7 @@ class ExperienceReplay(RehearsalMethod):
         # while the memory is smaller than a replay batch, the step's size changes: count the next one anew
         want = self.replay_count(self.run.cfg.data.batch_size, capped=False)
         if min(before, want) != min(len(self.memory), want):
-            self.run.flops.new_phase("train")
+            self.run.recount_flops("train")
 
     def end_task(self, task):
         super().end_task(task)

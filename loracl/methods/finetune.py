@@ -19,7 +19,7 @@ class ZeroShot(Method):
 
     name = "zeroshot"
 
-    def setup(self):
+    def check(self):
         if not self.model.head.zero_shot:
             raise ConfigError("method 'zeroshot' needs a head that scores classes from their names "
                               "(head.kind: text, with an open_clip backbone)")

@@ -114,7 +114,7 @@ class InfLoRA(Method):
 
     def param_groups(self, task):
         self.set_trainable(task)
-        ups = [br.up for s in self.model.adapter.sites for br in s.branches if br.train_up]
+        ups = [p for s in self.model.adapter.sites for br in s.branches for p in br.parameters() if p.requires_grad]
         return {"backbone": ups, "head": self.task_head_parameters(task)}
 
     def end_task(self, task):

@@ -151,9 +151,9 @@ class KeepLoRA(Method):
     def setup(self):
         c = self.cfg
         self.model.inject_lora(c.targets, c.blocks, c.encoders)
-        if self.plus:
-            self.cosine = LinearHead(self.model.backbone.feature_dim, cosine=True, scale=c.cosine_scale).to(
-                self.run.device)
+        if self.plus:  # owned by the model: DDP averages its gradients, checkpoints hold it
+            self.cosine = self.model.own("keeplora+ cosine head", LinearHead(
+                self.model.backbone.feature_dim, cosine=True, scale=c.cosine_scale))
         self.principal_subspace()
 
     @torch.no_grad()
@@ -276,13 +276,6 @@ class KeepLoRA(Method):
         logits, feats = self.net(x, class_ids, return_features=True)  # through DDP under torchrun
         return logits + self.cosine.logits_if_known(feats, class_ids)  # datasets not yet learnt: text head alone
 
-    def after_backward(self, task):
-        """KeepLoRA+'s cosine head is not part of the DDP-wrapped model: average its gradients here."""
-        if self.cosine is not None and dist.is_dist():
-            for p in self.cosine.parameters():
-                if p.grad is not None:
-                    dist.all_reduce_sum_(p.grad).div_(dist.world_size())
-
     def loss(self, batch, task):
         ids = self.run.train_classes(task)
         if self.cosine is None:
@@ -334,7 +327,7 @@ class KeepLoRA(Method):
                 for k in range(0, len(prompts), 256):
                     tok = bb.tokenize(prompts[k:k + 256]).to(self.run.device)
                     with self.run.amp_context():
-                        self.run.flops.step("keeplora-text-features", len(tok), lambda: bb.encode_text(tok))
+                        self.run.count_flops("keeplora-text-features", len(tok), lambda: bb.encode_text(tok))
             grams.update({layer: acc.finalize() for layer, acc in accs.items()})
         for s in sites:
             R = psd_sqrt(grams[s.layer].double())  # energies = squared singular values of the feature matrix
@@ -352,19 +345,11 @@ class KeepLoRA(Method):
         return {k: (0 if v is None else int(v.shape[1])) for k, v in self.bases.items()}
 
     def state_dict(self):
-        out = {"bases": {k: (None if v is None else v.cpu()) for k, v in self.bases.items()}}
-        if self.cosine is not None:
-            out["cosine"] = {"structure": self.cosine.structure(),
-                             "state": {k: v.cpu() for k, v in self.cosine.state_dict().items()}}
-        return out
+        return {"bases": {k: (None if v is None else v.cpu()) for k, v in self.bases.items()}}
 
     def load_state_dict(self, state):
         dev = self.run.device
         self.bases = {k: (None if v is None else v.to(dev)) for k, v in state["bases"].items()}
-        if self.cosine is not None and "cosine" in state:
-            self.cosine.rebuild(state["cosine"]["structure"])
-            self.cosine.load_state_dict(state["cosine"]["state"])
-            self.cosine.to(dev)
 
 
 @register

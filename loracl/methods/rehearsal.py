@@ -13,7 +13,6 @@ from pydantic import Field
 
 from ..memory import EpisodicMemory
 from .base import Batch, LoRAOptions, Method
-from .baselines import kaiming_down
 
 
 class RehearsalOptions(LoRAOptions):
@@ -40,7 +39,7 @@ class RehearsalMethod(Method):
         if self.cfg.finetune == "lora":
             c = self.cfg
             for s in self.model.adapter.sites:
-                s.add_branch(kaiming_down(c.rank, s.d_in), torch.zeros(s.d_out, c.rank), c.scale)
+                s.add_fresh_branch(c.rank, c.scale)
             self.model.set_trainable("lora+head")
         else:
             self.model.set_trainable("full+head")
@@ -65,7 +64,7 @@ class RehearsalMethod(Method):
             x = self.run.augment(u8, True, gen, mine.start, len(rows))
             y = torch.as_tensor(self.memory.pool.targets[rows[keep]], dtype=torch.long, device=self.run.device)
             return Batch(x, y, torch.as_tensor(rows[keep]))
-        x, y = self.memory.load(rows, self.run.train_tf, keep=keep)
+        x, y = self.memory.load(rows, self.run.train_transform, keep=keep)
         return Batch(self.run.prepare(x, True), y.to(self.run.device), torch.as_tensor(rows[keep]))
 
     def seen_loss(self, batch: Batch) -> torch.Tensor:

@@ -44,7 +44,6 @@ from ..models.heads import LinearHead
 from ..task_vectors import LowRankDelta, TaskVector, combined_delta, resolve_lambda, task_vector_of_branches
 from . import register
 from .base import LoRAOptions, Method
-from .baselines import kaiming_down
 
 Lambda = float | Literal["1/N"]
 
@@ -94,11 +93,13 @@ class TaskArithmeticLoRA(Method):
     needs_lora = True
     uses_all_trained_params = True
 
-    def setup(self):
-        c = self.cfg
+    def check(self):
         if self.run.scenario.kind == "domain-incremental":
             raise ConfigError("ta-lora needs tasks with their own classes (class-incremental or cross-dataset): "
                               "each task's head is part of its task model")
+
+    def setup(self):
+        c = self.cfg
         self.model.inject_lora(c.targets, c.blocks, c.encoders)
         self.memory = EpisodicMemory(self.run.scenario.tasks)
         self.task_vectors: list[TaskVector] = []
@@ -124,7 +125,7 @@ class TaskArithmeticLoRA(Method):
     def new_branches(self):
         c = self.cfg
         for s in self.model.adapter.sites:  # PEFT's init: kaiming-uniform down, zero up (tau_i starts at 0)
-            s.add_branch(kaiming_down(c.rank, s.d_in), torch.zeros(s.d_out, c.rank), c.scale)
+            s.add_fresh_branch(c.rank, c.scale)
 
     def param_groups(self, task):
         return {"backbone": self.model.adapter.branch_parameters(), "head": self.task_head_parameters(task)}
@@ -151,8 +152,8 @@ class TaskArithmeticLoRA(Method):
         self.lambdas.append(lam)
         self.form_combined_model(lam)
         if self.cfg.eval_before_memory:
-            self.record("acc_matrix_before_memory", task.index, self.run.evaluate_row(task.index)[0])
-        self.record("lambda", task.index, lam)
+            self.run.record("acc_matrix_before_memory", task.index, self.run.evaluate_row(task.index)[0])
+        self.run.record("lambda", task.index, lam)
         if self.cfg.memory_every_task or task.index == len(self.run.scenario) - 1:
             self.memory_finetune(task)
 
@@ -180,7 +181,7 @@ class TaskArithmeticLoRA(Method):
             self.form_combined_model(lam)
             scores[lam] = self.memory_accuracy(task)
         self.lambda_scores.append(scores)
-        self.record("lambda_memory_accuracy", task.index, {str(k): v for k, v in scores.items()})
+        self.run.record("lambda_memory_accuracy", task.index, {str(k): v for k, v in scores.items()})
         return max(cands, key=lambda x: scores[x])  # the first of equals
 
     def memory_accuracy(self, task) -> float:
@@ -235,12 +236,6 @@ class TaskArithmeticLoRA(Method):
         chunk = self.model.head.chunk_of(task.class_ids)
         return {"ids": list(task.class_ids), "weight": chunk.weight.detach().cpu().clone(),
                 "bias": None if chunk.bias is None else chunk.bias.detach().cpu().clone()}
-
-    def record(self, key: str, t: int, value) -> None:
-        """Per-task values beside the standard results (results.json: method_extras)."""
-        T = len(self.run.scenario)
-        extras = self.run.results.setdefault("method_extras", {})
-        extras.setdefault(key, [None] * T)[t] = value
 
     def state_dict(self):
         return {"task_vectors": [{k: d.state() for k, d in tv.items()} for tv in self.task_vectors],

@@ -23,36 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class Branch(nn.Module):
-    """One low-rank branch: delta W = scale * up @ down."""
-
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0,
-                 train_down: bool = True, train_up: bool = True):
-        super().__init__()
-        if down.shape[0] != up.shape[1]:
-            raise ValueError(f"rank mismatch: down {tuple(down.shape)} vs up {tuple(up.shape)}")
-        self.down = nn.Parameter(down.detach().clone(), requires_grad=train_down)
-        self.up = nn.Parameter(up.detach().clone(), requires_grad=train_up)
-        self.scale = float(scale)
-        self.train_down, self.train_up = train_down, train_up
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.scale * (self.up @ self.down)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * F.linear(F.linear(x, self.down), self.up)
-
-    def spec(self) -> dict:
-        return {"d_in": self.down.shape[1], "d_out": self.up.shape[0], "rank": self.rank, "scale": self.scale,
-                "train_down": self.train_down, "train_up": self.train_up}
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale:g}"
+from .branches import Branch, DenseSum, branch_from_spec, new_branch_factors
 
 
 class LoRALayer(nn.Module):
@@ -88,9 +59,13 @@ class LoRALayer(nn.Module):
             raise ValueError(f"branch for slice {name} must be ({b - a} x r) @ (r x {self.d_in}); "
                              f"got up {tuple(up.shape)}, down {tuple(down.shape)}")
         w = self.weight
-        br = Branch(down.to(w.device, torch.float32), up.to(w.device, torch.float32), scale, train_down, train_up)
-        self.branches[name].append(br)
-        return br
+        return self.append(name, Branch(down.to(w.device, torch.float32), up.to(w.device, torch.float32), scale,
+                                        train_down, train_up))
+
+    def append(self, name: str, branch: nn.Module) -> nn.Module:
+        """Add a branch of any kind to slice `name` (on the weight's device)."""
+        self.branches[name].append(branch.to(self.weight.device))
+        return branch
 
     def add_tap(self, fn: Callable[[torch.Tensor], None]) -> int:
         self._next_tap += 1
@@ -102,7 +77,7 @@ class LoRALayer(nn.Module):
 
     def branch_delta(self, branches, x: torch.Tensor) -> torch.Tensor:
         """The summed output of `branches` on input x, each branch low-rank (down, then up)."""
-        xin = x.to(branches[0].down.dtype) if not torch.is_autocast_enabled() else x
+        xin = x.to(branches[0].dtype) if not torch.is_autocast_enabled() else x
         delta = branches[0](xin)
         for br in branches[1:]:
             delta = delta + br(xin)
@@ -131,10 +106,15 @@ class LoRALayer(nn.Module):
         w.add_(delta.to(w.device, w.dtype))
 
     @torch.no_grad()
-    def merge(self, name: str, index: int = -1) -> Branch:
-        """Fold branch `index` of slice `name` into W and remove it; returns it (for `unmerge`)."""
+    def merge(self, name: str, index: int = -1) -> nn.Module:
+        """Fold branch `index` of slice `name` into W and remove it; returns it (for `unmerge`). A branch
+        whose weights are not finite is refused: merging it would poison the weight for every later task."""
         br = self.branches[name][index]
-        self.add_to_weight(name, br.delta_weight())
+        delta = br.delta_weight()
+        if not bool(torch.isfinite(delta).all()):
+            raise FloatingPointError(f"refusing to merge a LoRA branch with non-finite weights into "
+                                     f"{self.weight_name} (slice {name}): the weight is left as it was")
+        self.add_to_weight(name, delta)
         keep = [b for i, b in enumerate(self.branches[name]) if i != index % len(self.branches[name])]
         self.branches[name] = nn.ModuleList(keep)
         return br
@@ -181,6 +161,10 @@ class Site:
 
     def add_branch(self, down, up, scale=1.0, train_down=True, train_up=True) -> Branch:
         return self.layer.add_branch(self.slice, down, up, scale, train_down, train_up)
+
+    def add_fresh_branch(self, rank: int, scale: float = 1.0) -> Branch:
+        """A new trainable branch that starts at zero output (`new_branch_factors`)."""
+        return self.add_branch(*new_branch_factors(rank, self.d_in, self.d_out), scale)
 
     def merge(self, index: int = -1) -> Branch:
         return self.layer.merge(self.slice, index)
@@ -331,18 +315,33 @@ class LoRAAdapter:
             for layer, a in zip(self.layers, old):
                 layer.active = a
 
+    @contextlib.contextmanager
+    def dense_sums(self):
+        """Temporarily apply each slice's branches as one `DenseSum` (the official codes' forward)."""
+        saved = []
+        for layer in self.layers:
+            for name, branches in layer.branches.items():
+                if len(branches):
+                    saved.append((layer, name, branches))
+                    layer.branches[name] = nn.ModuleList([DenseSum(list(branches))])
+        try:
+            yield
+        finally:
+            for layer, name, branches in saved:
+                layer.branches[name] = branches
+
     def structure(self) -> list[list[dict]]:
         return [[br.spec() for br in s.branches] for s in self.sites]
 
-    def rebuild(self, structure: list[list[dict]]) -> None:
-        """Recreate empty branches of the given shapes (before loading a state dict)."""
+    def rebuild(self, structure: list[list[dict]], shared=None) -> None:
+        """Recreate empty branches of the given kinds and shapes (before loading a state dict); `shared`: the
+        modules the model owns, for kinds that share a parameter across layers."""
         if len(structure) != len(self.sites):
             raise ValueError("checkpoint LoRA structure does not match the model's adapted sites")
         self.clear()
         for site, specs in zip(self.sites, structure):
             for sp in specs:
-                site.add_branch(torch.zeros(sp["rank"], sp["d_in"]), torch.zeros(sp["d_out"], sp["rank"]),
-                                sp["scale"], sp["train_down"], sp["train_up"])
+                site.layer.append(site.slice, branch_from_spec(sp, shared))
 
 
 def build_sites(projections: Iterable[tuple[str, int, str, nn.Module, str, tuple[int, int]]]) -> list[Site]:

@@ -18,8 +18,28 @@ class ContinualModel(nn.Module):
         self.head = head
         self.adapter: LoRAAdapter | None = None
         self.lora_spec: dict | None = None
+        # modules a method owns (a cosine head, prompt pools, shared magnitudes): registered here so that DDP
+        # averages their gradients, checkpoints hold them and .to(device) moves them; no method all-reduces
+        self.owned = nn.ModuleDict()
+
+    def own(self, name: str, module: nn.Module) -> nn.Module:
+        """Register a method's module with the model (once per name; create it in `setup` or rebuild it from
+        `structure` so that a resumed run finds it before the state dict is loaded)."""
+        if name in self.owned:
+            raise ValueError(f"the model already owns a module named '{name}'")
+        dev = next(self.backbone.parameters()).device
+        self.owned[name] = module.to(dev)
+        return module
+
+    @property
+    def prompts(self) -> nn.Module | None:
+        """The prompt module (L2P, DualPrompt, CODA-Prompt), owned as 'prompts'; it computes the features."""
+        return self.owned["prompts"] if "prompts" in self.owned else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        prompts = self.prompts
+        if prompts is not None:  # the prompt module draws its query and conditions the backbone's forward
+            return prompts.features(self.backbone, x)
         return self.backbone.features(x)
 
     def forward(self, x: torch.Tensor, class_ids: torch.Tensor, return_features: bool = False):
@@ -57,20 +77,24 @@ class ContinualModel(nn.Module):
         if "lora" in parts and self.adapter is not None:
             for s in self.adapter.sites:
                 for br in s.branches:
-                    for p, flag in ((br.down, br.train_down), (br.up, br.train_up)):
-                        p.requires_grad_(flag)
+                    br.restore_trainable()
 
     def structure(self) -> dict:
         return {"lora_spec": self.lora_spec,
                 "lora": self.adapter.structure() if self.adapter is not None else None,
-                "head": self.head.structure()}
+                "head": self.head.structure(),
+                "owned": {k: m.structure() for k, m in self.owned.items() if hasattr(m, "structure")}}
 
     def rebuild(self, structure: dict) -> None:
         if structure.get("lora_spec") and self.adapter is None:
             spec = structure["lora_spec"]
             self.inject_lora(spec["kinds"], spec["blocks"], spec["encoders"])
+        for name, sub in structure.get("owned", {}).items():  # owned modules exist (setup made them)
+            if name not in self.owned:
+                raise ValueError(f"checkpoint holds a module '{name}' that this method does not own")
+            self.owned[name].rebuild(sub)
         if structure.get("lora") is not None:
-            self.adapter.rebuild(structure["lora"])
+            self.adapter.rebuild(structure["lora"], shared=self.owned)
         self.head.rebuild(structure["head"])
 
 

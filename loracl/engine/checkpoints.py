@@ -1,0 +1,97 @@
+"""Checkpoints of a run: one per finished task, one mid-task every `train.checkpoint_every` steps.
+
+A task checkpoint holds the model tensors that differ from the pretrained model, the model's structure
+(branches, head chunks, owned modules), the method's state and the results so far. A step checkpoint adds
+the optimiser, scheduler, scaler, RNG and cost so far; it is removed once its task is done. Only rank 0
+writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .. import dist
+from ..checkpoint import atomic_save, changed_state, digests, load
+from ..errors import LoraclError
+from ..models.model import ContinualModel
+from .record import RunRecord
+
+
+class CheckpointManager:
+    def __init__(self, out: Path, model: ContinualModel, record: RunRecord, device: torch.device, log=print):
+        self.dir = Path(out) / "checkpoints"
+        self.model, self.record, self.device, self.log = model, record, device, log
+        self.method = None  # set by the runner once the method exists
+        self.components: dict = {}  # other stateful steps of the run (classifier alignment), by name
+        self.base_digests = digests(model)  # the pretrained model, before any method touched it
+
+    def model_state(self) -> dict:
+        return {"structure": self.model.structure(), "model": changed_state(self.model, self.base_digests)}
+
+    def load_model_state(self, state: dict) -> None:
+        self.model.rebuild(state["structure"])
+        self.model.to(self.device)
+        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        if unexpected:
+            raise LoraclError(f"checkpoint does not fit this model (unexpected keys {unexpected[:3]}...)")
+
+    def save_task(self, task_index: int) -> None:
+        if not dist.is_main():
+            return
+        state = {"task": task_index, **self.model_state(), "method": self.method.state_dict(),
+                 "results": self.record.results,
+                 "components": {k: c.state_dict() for k, c in self.components.items()}}
+        atomic_save(state, self.dir / f"task_{task_index:02d}.pt")
+        self.drop_step()
+
+    def save_step(self, task, opt, sched, scaler, epoch, batch, step) -> None:
+        if not dist.is_main():
+            return
+        state = {"task": task.index, "epoch": epoch, "batch": batch, "step": step, **self.model_state(),
+                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                 "rng": torch.get_rng_state(), "method": self.method.state_dict(), **self.record.step_state()}
+        atomic_save(state, self.dir / "step.pt")
+
+    def drop_step(self) -> None:
+        step = self.dir / "step.pt"
+        if dist.is_main() and step.exists():
+            step.unlink()
+
+    def last_good(self) -> str | None:
+        if (self.dir / "step.pt").exists():
+            return str(self.dir / "step.pt")
+        tasks = sorted(self.dir.glob("task_*.pt"))
+        return str(tasks[-1]) if tasks else None
+
+    def restore(self) -> tuple[int, dict | None]:
+        """Load the latest task checkpoint (and a later step checkpoint); returns (first task to run, step state)."""
+        tasks = sorted(self.dir.glob("task_*.pt"))
+        start = 0
+        if tasks:
+            state = load(tasks[-1])
+            self.load_model_state(state)
+            self.method.load_state_dict(state["method"])
+            for k, c in self.components.items():
+                c.load_state_dict(state.get("components", {})[k])
+            self.record.results = state["results"]
+            start = state["task"] + 1
+            self.log(f"resuming after task {start} from {tasks[-1]}")
+        step_state = None
+        if (self.dir / "step.pt").exists():
+            s = load(self.dir / "step.pt")
+            if s["task"] >= start:
+                step_state = s
+                self.log(f"resuming task {s['task'] + 1} at epoch {s['epoch'] + 1}, batch {s['batch']} "
+                         f"from {self.dir / 'step.pt'}")
+        if start == 0 and step_state is None:
+            self.log("nothing to resume: starting from the beginning")
+        return start, step_state
+
+    def resume_task(self, state: dict) -> None:
+        """Mid-task resume, after the task's `begin_task` re-ran: the model, method and cost at the step."""
+        self.load_model_state(state)
+        if "method" in state:  # state a method changes during training (a reservoir memory)
+            self.method.load_state_dict(state["method"])
+        self.record.load_step_state(state)

@@ -1,0 +1,226 @@
+"""The trainer: every training phase (`fit`) and every pass over data (`forward_pass`) of a run.
+
+One precision policy, decided once per run (`Precision`), serves training, passes and evaluation. Under
+torchrun, training forwards go through DDP: the method's `net` is the wrapper for the length of a phase.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from .. import dist
+from ..config import OptimizerConfig, RunConfig, ScheduleConfig
+from ..data.datasets import ImageSet
+from ..data.scenarios import Task
+from ..errors import TrainingDiverged
+from ..methods.base import Batch
+from .data import DataService
+from .record import RunRecord
+
+
+class Precision:
+    """Mixed precision: `train.amp` resolved once ('auto': bf16 on CUDA, none elsewhere)."""
+
+    def __init__(self, amp: str, device: torch.device):
+        self.device = device
+        self.mode = ("bf16" if device.type == "cuda" else "none") if amp == "auto" else amp
+
+    def context(self):
+        if self.mode == "none":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.mode == "bf16" else torch.float16)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.mode == "fp16")
+
+
+def build_optimizer(groups: dict[str, list], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    pg = []
+    for name, params in groups.items():
+        params = [p for p in params if p.requires_grad]
+        if params:
+            lr = cfg.head_lr if (name == "head" and cfg.head_lr) else cfg.lr
+            pg.append({"params": params, "lr": lr, "name": name})
+    if cfg.name == "adam":
+        return torch.optim.Adam(pg, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(pg, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(pg, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def build_schedule(opt, cfg: ScheduleConfig, epochs: int, steps_per_epoch: int):
+    """A per-step scheduler. `inflora-cosine` is the official per-epoch rule lr_e = lr0 cos(99 pi e / (200 (E-1)))."""
+    total = max(epochs * steps_per_epoch, 1)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
+
+    def factor(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        epoch = step // max(steps_per_epoch, 1)
+        if cfg.name == "constant":
+            return 1.0
+        if cfg.name == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+        if cfg.name == "inflora-cosine":
+            return 1.0 if epochs <= 1 else math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
+        if cfg.name == "step":
+            return cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+        raise ValueError(cfg.name)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, device: torch.device, data: DataService, record: RunRecord,
+                 precision: Precision, checkpoints, *, progress: bool = False):
+        self.cfg, self.device, self.data, self.record = cfg, device, data, record
+        self.precision, self.checkpoints, self.progress = precision, checkpoints, progress
+        self.method = None  # set by the runner once the method exists
+        self.current_task: Task | None = None
+
+    def forward_pass(self, images: ImageSet, fn, *, desc: str, train_transform: bool = True,
+                     grad: bool = False, batch_size: int | None = None, drop_last: bool = False) -> None:
+        """Call fn(Batch) over `images` once (statistics, features, gradient estimates), timed and FLOP-counted
+        as phase `desc`. Training transforms by default, as InfLoRA's statistics passes use. `drop_last`
+        leaves out a short last (global) batch, on every process alike."""
+        t = self.current_task.index if self.current_task else -1
+        bs = batch_size or self.cfg.data.eval_batch_size
+        batches = self.data.batches(images, train=train_transform, seed_parts=("pass", desc, t), shuffle=False,
+                                    batch_size=bs, drop_last=drop_last)
+        flops = self.record.flops
+        flops.new_phase(desc)
+        with self.record.timed(desc), torch.set_grad_enabled(grad), self.precision.context():
+            for x, y, rows in tqdm(batches, total=self.data.num_batches(images, bs, drop_last), desc=f"  {desc}",
+                                   leave=False, disable=not self.progress):
+                b = Batch(x, y, rows)
+                flops.step(desc, len(y), lambda: fn(b))
+
+    def fit(self, task: Task, *, phase: str, images: ImageSet, epochs: int, groups=None, loss_fn=None,
+            after_backward=None, optimizer: OptimizerConfig | None = None, schedule: ScheduleConfig | None = None,
+            batch_size: int | None = None, resume_state: dict | None = None, max_steps: int | None = None) -> int:
+        """Train the parameters in `groups` for `epochs` over `images`; returns the number of steps taken.
+        `max_steps` caps the steps per epoch below `train.max_steps_per_epoch` (the bench's warm-up)."""
+        cfg, method = self.cfg, self.method
+        groups = groups if groups is not None else method.param_groups(task)
+        params = [p for ps in groups.values() for p in ps if p.requires_grad]
+        if phase == "train":
+            self.record.trainable_params(task.index, int(sum(p.numel() for p in params)))
+        if not params or epochs == 0 or len(images) == 0:
+            return 0
+        loss_fn = loss_fn or method.loss
+        after_backward = after_backward if after_backward is not None else method.after_backward
+        bs = batch_size or cfg.data.batch_size
+        opt = build_optimizer(groups, optimizer or cfg.train.optimizer)
+        spe = self.data.num_batches(images, bs)
+        for cap in (cfg.train.max_steps_per_epoch, max_steps):
+            if cap:
+                spe = min(spe, cap)
+        sched = build_schedule(opt, schedule or cfg.train.schedule, epochs, spe)
+        scaler = self.precision.scaler()
+        start_epoch, start_batch, step = 0, 0, 0
+        if resume_state is not None:
+            opt.load_state_dict(resume_state["optimizer"])
+            sched.load_state_dict(resume_state["scheduler"])
+            scaler.load_state_dict(resume_state["scaler"])
+            start_epoch, start_batch, step = resume_state["epoch"], resume_state["batch"], resume_state["step"]
+            torch.set_rng_state(resume_state["rng"])
+        first_bad = torch.tensor(-1, device=self.device)
+        loss = torch.zeros(())
+        flops = self.record.flops
+        method.net = self._data_parallel()
+        if cfg.train.compile:
+            method.net = torch.compile(method.net)
+        flops.new_phase(phase)
+        model = method.model
+        model.train(cfg.train.model_mode == "train")
+        bar = tqdm(total=epochs * spe, initial=start_epoch * spe + start_batch, leave=False,
+                   desc=f"task {task.index + 1}/{len(self.data.scenario)} {task.name} {phase}",
+                   disable=not self.progress)
+        try:
+            with self.record.timed(phase):
+                for epoch in range(start_epoch, epochs):
+                    b0 = start_batch if epoch == start_epoch else 0
+                    batches = self.data.batches(images, train=True, seed_parts=(task.index, phase, epoch),
+                                                batch_size=bs, start=b0, equal_steps=True)
+                    for b, (x, y, rows) in enumerate(batches, start=b0):
+                        if b >= spe:
+                            break
+                        batch = Batch(x, y, rows)
+                        opt.zero_grad(set_to_none=True)
+
+                        def step_fn():
+                            with self.precision.context():
+                                loss = loss_fn(batch, task)
+                            scaler.scale(loss).backward()
+                            return loss
+
+                        loss = flops.step(phase, len(y), step_fn).detach()
+                        finite = torch.isfinite(loss)
+                        if cfg.train.nan_policy == "skip" and not self._all_finite(finite):
+                            opt.zero_grad(set_to_none=True)
+                        else:
+                            first_bad = torch.where((first_bad < 0) & ~finite,
+                                                    torch.tensor(step, device=self.device), first_bad)
+                            after_backward(task)
+                            if cfg.train.grad_clip:
+                                scaler.unscale_(opt)
+                                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+                            scaler.step(opt)
+                            scaler.update()
+                        sched.step()
+                        step += 1
+                        bar.update(1)
+                        if step % 20 == 0:
+                            self.record.scalar(f"loss/{phase}", lambda: float(loss), task.index * 1_000_000 + step)
+                        every = cfg.train.checkpoint_every
+                        if phase == "train" and every and step % every == 0:
+                            self._check_finite(first_bad, task, phase, spe)
+                            self.checkpoints.save_step(task, opt, sched, scaler, epoch, b + 1, step)
+                    self._check_finite(first_bad, task, phase, spe)
+                    bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+        finally:
+            bar.close()
+            method.net = model
+            model.eval()
+        return step
+
+    def _data_parallel(self):
+        """Under torchrun, training forwards go through DDP (gradients averaged across processes)."""
+        model = self.method.model
+        if not dist.is_dist():
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        # rebuilt per phase: each task trains a different set of parameters. A method may leave some trainable
+        # tensors out of a step; DDP then has to look for them in every step's graph
+        find = self.cfg.train.ddp_find_unused
+        if find is None:
+            find = not self.method.uses_all_trained_params
+        return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                   find_unused_parameters=find)
+
+    @staticmethod
+    def _all_finite(finite: torch.Tensor) -> bool:
+        """One host sync per step (nan_policy skip); under torchrun all processes skip the step together,
+        since the averaged gradients of a step with a non-finite loss anywhere are non-finite everywhere."""
+        ok = finite.to(torch.int32)
+        return bool(dist.all_reduce_min_(ok))
+
+    def _check_finite(self, first_bad: torch.Tensor, task: Task, phase: str, spe: int) -> None:
+        # the earliest bad step over all processes, so that every process raises together (none waits on
+        # a collective that its peers never reach)
+        never = torch.iinfo(first_bad.dtype).max
+        bad = dist.all_reduce_min_(torch.where(first_bad < 0, torch.full_like(first_bad, never), first_bad))
+        bad = -1 if int(bad) == never else int(bad)
+        if bad >= 0:
+            last = self.checkpoints.last_good()
+            raise TrainingDiverged(
+                f"non-finite loss in task {task.index} ('{task.name}'), phase '{phase}', epoch {bad // spe}, "
+                f"step {bad % spe} of the epoch (step {bad} of the phase); training stopped. Last good checkpoint: "
+                f"{last or 'none'}; lower the learning rate (train.optimizer.lr) or set train.grad_clip")

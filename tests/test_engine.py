@@ -1,0 +1,101 @@
+"""The engine's seams: branch kinds round-trip through a checkpoint's structure, merges refuse non-finite
+branches, methods own their extra modules once, the registry refuses a second method of one name, `fit` hands
+the model back to the method even when a step fails, and precision is decided once."""
+
+import pytest
+import torch
+
+from conftest import smoke_sets
+from loracl.config import load_config
+from loracl.engine.trainer import Precision
+from loracl.methods import Method, list_methods, register
+from loracl.models.branches import Branch, DenseSum, branch_from_spec
+from loracl.models.heads import LinearHead
+
+
+def _adapter(tiny_vit):
+    from loracl.models.backbones import TimmViT
+
+    bb = TimmViT.__new__(TimmViT)
+    torch.nn.Module.__init__(bb)
+    bb.model = tiny_vit
+    return bb.inject_lora(["q", "v"])
+
+
+def test_branch_kinds_rebuild_from_their_specs(tiny_vit):
+    ad = _adapter(tiny_vit)
+    g = torch.Generator().manual_seed(0)
+    for s in ad.sites:
+        s.add_branch(torch.randn(3, s.d_in, generator=g), torch.randn(s.d_out, 3, generator=g), 0.5,
+                     train_down=False)
+    x = torch.randn(2, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        want = tiny_vit(x)
+    with ad.dense_sums():
+        specs = ad.structure()
+        assert all(sp[0]["kind"] == "dense-sum" for sp in specs)
+        dense = {k: v.clone() for k, v in tiny_vit.state_dict().items() if ".lora." in k}
+        ad.rebuild(specs)  # empty branches of the same kinds and shapes ...
+        assert all(isinstance(s.branches[0], DenseSum) for s in ad.sites)
+        tiny_vit.load_state_dict(dense, strict=False)  # ... that take the saved tensors back
+        with torch.no_grad():
+            torch.testing.assert_close(tiny_vit(x), want)
+        s0 = ad.sites[0].branches[0].parts[0]
+        assert s0.scale == 0.5 and not s0.train_down and s0.train_up
+    old = branch_from_spec({"d_in": 4, "d_out": 6, "rank": 2, "scale": 1.0, "train_down": True, "train_up": True})
+    assert isinstance(old, Branch) and old.delta_weight().shape == (6, 4)  # checkpoints written before kinds
+    with pytest.raises(ValueError, match="unknown LoRA branch kind"):
+        branch_from_spec({"kind": "nope"})
+
+
+def test_merge_refuses_a_non_finite_branch(tiny_vit):
+    ad = _adapter(tiny_vit)
+    s = ad.sites[0]
+    w0 = s.weight().detach().clone()
+    up = torch.zeros(s.d_out, 2)
+    up[0, 0] = float("nan")
+    s.add_branch(torch.ones(2, s.d_in), up)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        s.merge()
+    assert torch.equal(s.weight(), w0) and len(s.branches) == 1
+
+
+def test_registry_refuses_a_second_method_of_one_name():
+    list_methods()  # every method file registered
+
+    class Twin(Method):
+        name = "seq-lora"
+
+    with pytest.raises(ValueError, match="two methods are named 'seq-lora'"):
+        register(Twin)
+
+
+def test_precision_is_decided_once():
+    cpu = torch.device("cpu")
+    assert Precision("auto", cpu).mode == "none" and Precision("bf16", cpu).mode == "bf16"
+    assert not Precision("auto", cpu).scaler().is_enabled()
+
+
+@pytest.mark.shared
+def test_owned_modules_and_fit_restores_the_net(tmp_path, one_thread):
+    from loracl.train import Runner
+
+    cfg = load_config(preset="cifar100-mini", method="seq-lora", sets=smoke_sets(**{"benchmark.num_tasks": 2}))
+    r = Runner(cfg, tmp_path, progress=False, log=lambda *a, **k: None)
+    extra = r.model.own("extra head", LinearHead(r.model.backbone.feature_dim))
+    with pytest.raises(ValueError, match="already owns"):
+        r.model.own("extra head", LinearHead(4))
+    extra.add_classes([0, 1])
+    assert any(k.startswith("owned.extra head.") for k in r.model.state_dict())
+    assert r.model.structure()["owned"]["extra head"] == extra.structure()
+    r.method.setup()
+    task = r.scenario.tasks[0]
+    r.trainer.current_task = task
+    r.method.begin_task(task)
+
+    def boom(batch, task):
+        raise RuntimeError("a step failed")
+
+    with pytest.raises(RuntimeError, match="a step failed"):
+        r.services.fit(task, phase="train", images=task.train, epochs=1, loss_fn=boom)
+    assert r.method.net is r.model and not r.model.training  # handed back, in eval mode
