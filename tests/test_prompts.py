@@ -284,3 +284,18 @@ def test_paper_presets_are_the_inflora_protocols_with_the_prompt_optimiser(metho
         assert (o.name, o.lr, o.betas, o.weight_decay, o.head_lr) == ("adam", 1e-3, (0.9, 0.999), 0.0, None)
         assert c.train.schedule.name == schedule and c.train.epochs == epochs and c.data.batch_size == 128
         assert c.train.loss_scope == "task" and c.head.kind == "linear"
+
+
+@pytest.mark.shared
+def test_l2p_prompt_tuning_prepends_tokens_at_the_input(tmp_path, monkeypatch):
+    r = _runner(tmp_path, "l2p", ["method.tuning=prompt", "method.length=5"])
+    r.method.setup()
+    r.method.begin_task(r.scenario.tasks[0])
+    seen = _spy_sdpa(monkeypatch)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        f = r.model.features(x)
+    n = 1 + (32 // 4) ** 2  # CLS + patches of the fixture
+    blocks = len(r.model.backbone.model.blocks)
+    assert [s[2][2] for s in seen] == [n] * blocks + [n + 5 * 5] * blocks  # the query forward, then N x L more
+    assert f.shape == (2, 128) and r.model.prompts.aux_loss is not None

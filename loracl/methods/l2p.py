@@ -10,11 +10,14 @@ A pool of M prompts P_1..P_M (length L) with keys k_1..k_M shared by all tasks. 
 
 Defaults (BASELINES.md 4): M = 30, L = 20, N = 5, block 0.
 
-Where the official code and the paper differ (`key_loss`):
-- official (default): CODA-Prompt's / InfLoRA's `(1 - cos_sim[:, k_idx]).sum()` indexes the B x M cosines
-  with the B x N selected indices, giving B x B x N terms: every selected key is pulled towards every query
-  of the batch, and the sum is not divided by the batch size.
-- paper: each sample's own selected keys towards its own query, averaged over the batch.
+Where the official code and the paper differ (the code's behaviour is the default):
+- `tuning`: prefix (the code: L/2 key and L/2 value tokens in block 0's attention) or prompt (the paper: the
+  N x L prompt tokens prepended to the token sequence entering block 0, the classifier fed with the mean of
+  their outputs; timm ViTs only). The paper's own setting is M = 10, L = 5, N = 5 (set pool / length / top_k).
+- `key_loss`: official, CODA-Prompt's / InfLoRA's `(1 - cos_sim[:, k_idx]).sum()`, indexes the B x M cosines
+  with the B x N selected indices, giving B x B x N terms: every selected key is pulled towards every query of
+  the batch, and the sum is not divided by the batch size; paper: each sample's own selected keys towards its
+  own query, averaged over the batch.
 The key loss only trains the keys (q has no gradient and the selection is a top-k), so it changes which
 prompts are chosen, never the prompts' or the head's gradients.
 """
@@ -29,8 +32,8 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .. import dist
-from ..models.prompts import (PromptModule, batch_total, cosine_topk, prefix_dim, prompt_slots, split_prefix,
-                              uniform_)
+from ..models.prompts import (PromptModule, batch_total, cosine_topk, prefix_dim, prompt_slots,
+                              prompt_tuned_features, split_prefix, uniform_)
 from . import register
 from .base import MethodConfig
 from .prompting import PromptMethod
@@ -41,6 +44,8 @@ class L2PConfig(MethodConfig):
     length: int = Field(20, ge=2, description="tokens per prompt (L): L/2 keys and L/2 values")
     top_k: int = Field(5, ge=1, description="prompts selected per image (N)")
     blocks: list[int] = Field(default_factory=lambda: [0], description="blocks whose attention gets the prefix")
+    tuning: Literal["prefix", "prompt"] = Field("prefix", description="prefix tuning in the attention (code) or "
+                                                                       "prompt tokens at the input (paper)")
     key_loss: Literal["official", "paper"] = Field("official", description="batch-summed cross terms (official "
                                                                            "code) or per-sample mean (paper)")
 
@@ -65,7 +70,9 @@ class L2PPrompts(PromptModule):
         super().__init__(cfg.blocks)
         if cfg.top_k > cfg.pool:
             raise ValueError(f"l2p: top_k {cfg.top_k} > pool {cfg.pool}")
-        self.top_k, self.key_loss = cfg.top_k, cfg.key_loss
+        self.top_k, self.key_loss, self.tuning = cfg.top_k, cfg.key_loss, cfg.tuning
+        if self.tuning == "prompt" and self.blocks != [0]:
+            raise ValueError("l2p: prompt tuning prepends the tokens at the input (blocks: [0])")
         self.keys = uniform_(cfg.pool, key_dim)
         # one pool of prompts per prompted block, selected by the same keys
         self.pool = nn.ParameterList([uniform_(cfg.pool, cfg.length, dims[b]) for b in self.blocks])
@@ -74,6 +81,14 @@ class L2PPrompts(PromptModule):
         _, idx = cosine_topk(q, self.keys, self.top_k)
         prefixes = {b: split_prefix(P[idx]) for b, P in zip(self.blocks, self.pool)}  # P[idx]: B x N x L x C
         return prefixes, key_matching_loss(q, self.keys, idx, self.key_loss) if self.learning else None
+
+    def features(self, backbone, x):
+        if self.tuning == "prefix" or self.task < 0:
+            return super().features(backbone, x)
+        q = self.query(backbone, x)
+        _, idx = cosine_topk(q, self.keys, self.top_k)
+        self.aux_loss = key_matching_loss(q, self.keys, idx, self.key_loss) if self.learning else None
+        return prompt_tuned_features(backbone, x, self.pool[0][idx].flatten(1, 2))  # B x N*L x C
 
     def trainable(self):
         return [self.keys, *self.pool]  # the pool is shared by all tasks

@@ -142,6 +142,22 @@ def lora_inactive(module: nn.Module):
             layer.active = a
 
 
+def prompt_tuned_features(backbone, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Prompt tuning (L2P's paper) instead of prefix tuning: `tokens` (B x P x C) are prepended to the sequence
+    entering the first block (after the position embedding) by a pre-hook, and the feature is the mean of their
+    outputs after the final norm (the paper's classifier input), through the model's own fc_norm."""
+    if backbone.family != "timm":
+        raise ValueError("prompt tuning is implemented for timm ViTs only; use prefix tuning on CLIP")
+    m = backbone.model
+    hook = m.blocks[0].register_forward_pre_hook(
+        lambda mod, args: (torch.cat([tokens.to(args[0].dtype), args[0]], 1),) + tuple(args[1:]))
+    try:
+        out = m.forward_features(x)
+    finally:
+        hook.remove()
+    return m.head_drop(m.fc_norm(out[:, : tokens.shape[1]].mean(1)))
+
+
 # ---- the math the methods share ------------------------------------------------------------------------
 
 def split_prefix(p: torch.Tensor) -> Prefix:
