@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..errors import ConfigError
 from ..models.prompts import PromptModule, gram_schmidt, prefix_dim, prompt_slots, split_prefix
 from . import register
 from .base import MethodConfig
@@ -77,7 +78,9 @@ class CodaPrompts(PromptModule):
         super().__init__(cfg.blocks)
         per_task = cfg.pool // n_tasks  # the code's int(pool / n_tasks)
         if per_task == 0:
-            raise ValueError(f"coda-prompt: pool {cfg.pool} has fewer components than the {n_tasks} tasks")
+            raise ConfigError(f"coda-prompt: method.pool {cfg.pool} has fewer components than the {n_tasks} tasks")
+        if cfg.length % 2:
+            raise ConfigError(f"coda-prompt: a prefix splits into L/2 keys and L/2 values; method.length {cfg.length} is odd")
         self.ortho_weight = cfg.ortho_weight
         self.components = nn.ModuleList([CodaComponents(n_tasks, per_task, cfg.length, dims[b], key_dim)
                                          for b in self.blocks])

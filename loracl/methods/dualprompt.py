@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .. import dist
+from ..errors import ConfigError
 from ..models.prompts import PromptModule, cosine_topk, prefix_dim, prompt_slots, split_prefix, uniform_
 from . import register
 from .base import MethodConfig
@@ -38,7 +39,9 @@ class DualPromptConfig(MethodConfig):
 class DualPrompts(PromptModule):
     def __init__(self, cfg: DualPromptConfig, n_tasks: int, dims: dict[int, int], key_dim: int):
         if set(cfg.g_blocks) & set(cfg.e_blocks):
-            raise ValueError("dualprompt: g_blocks and e_blocks overlap")
+            raise ConfigError("dualprompt: method.g_blocks and method.e_blocks overlap")
+        if cfg.g_length % 2 or cfg.e_length % 2:
+            raise ConfigError("dualprompt: a prefix splits into L/2 keys and L/2 values; g_length and e_length must be even")
         super().__init__(cfg.g_blocks + cfg.e_blocks)
         self.g_blocks, self.e_blocks = sorted(cfg.g_blocks), sorted(cfg.e_blocks)
         self.g = nn.ParameterList([uniform_(cfg.g_length, dims[b]) for b in self.g_blocks])

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .. import dist
+from ..errors import ConfigError
 from ..models.prompts import (PromptModule, batch_total, cosine_topk, prefix_dim, prompt_slots,
                               prompt_tuned_features, split_prefix, uniform_)
 from . import register
@@ -69,10 +70,12 @@ class L2PPrompts(PromptModule):
     def __init__(self, cfg: L2PConfig, dims: dict[int, int], key_dim: int):
         super().__init__(cfg.blocks)
         if cfg.top_k > cfg.pool:
-            raise ValueError(f"l2p: top_k {cfg.top_k} > pool {cfg.pool}")
+            raise ConfigError(f"l2p: method.top_k {cfg.top_k} > method.pool {cfg.pool}")
         self.top_k, self.key_loss, self.tuning = cfg.top_k, cfg.key_loss, cfg.tuning
         if self.tuning == "prompt" and self.blocks != [0]:
-            raise ValueError("l2p: prompt tuning prepends the tokens at the input (blocks: [0])")
+            raise ConfigError("l2p: prompt tuning prepends the tokens at the input (method.blocks: [0])")
+        if self.tuning == "prefix" and cfg.length % 2:
+            raise ConfigError(f"l2p: a prefix splits into L/2 keys and L/2 values; method.length {cfg.length} is odd")
         self.keys = uniform_(cfg.pool, key_dim)
         # one pool of prompts per prompted block, selected by the same keys
         self.pool = nn.ParameterList([uniform_(cfg.pool, cfg.length, dims[b]) for b in self.blocks])

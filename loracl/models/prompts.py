@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 
 from .. import dist
+from ..errors import ConfigError
 from .lora import LoRALayer, LoRAMultiheadAttention
 
 Prefix = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each B x P x C
@@ -112,7 +113,7 @@ def prompt_slots(backbone, blocks: list[int]) -> dict[int, nn.Module]:
     all_blocks = backbone.encoder_blocks()["image"]
     bad = [b for b in blocks if not 0 <= b < len(all_blocks)]
     if bad:
-        raise ValueError(f"prompt block(s) {bad} out of range: the image encoder has {len(all_blocks)} blocks")
+        raise ConfigError(f"prompt block(s) {bad} out of range: the image encoder has {len(all_blocks)} blocks")
     return {b: attach_prefix(all_blocks[b].attn) for b in blocks}
 
 
@@ -147,7 +148,7 @@ def prompt_tuned_features(backbone, x: torch.Tensor, tokens: torch.Tensor) -> to
     entering the first block (after the position embedding) by a pre-hook, and the feature is the mean of their
     outputs after the final norm (the paper's classifier input), through the model's own fc_norm."""
     if backbone.family != "timm":
-        raise ValueError("prompt tuning is implemented for timm ViTs only; use prefix tuning on CLIP")
+        raise ConfigError("prompt tuning is implemented for timm ViTs only; use prefix tuning on CLIP")
     m = backbone.model
     hook = m.blocks[0].register_forward_pre_hook(
         lambda mod, args: (torch.cat([tokens.to(args[0].dtype), args[0]], 1),) + tuple(args[1:]))
