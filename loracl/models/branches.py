@@ -119,3 +119,152 @@ def branch_from_spec(sp: dict, shared=None) -> nn.Module:
     if kind not in BRANCH_KINDS:
         raise ValueError(f"checkpoint names an unknown LoRA branch kind '{kind}'")
     return BRANCH_KINDS[kind].from_spec(sp, shared)
+
+
+# --------------------------------------------------------------------------------------------------
+# Branches scaled by magnitudes shared across layers (SD-LoRA): one trainable scalar per task, the same for
+# every adapted layer, owned by the model (`ContinualModel.own`) and found by name when a checkpoint rebuilds.
+
+
+class Magnitudes(nn.Module):
+    """One magnitude per task, shared by every layer's directions: `alpha[k]` scales task k's direction."""
+
+    def __init__(self, n: int, init: float = 1.0):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((n,), float(init)))
+
+    def structure(self) -> dict:
+        return {"n": self.alpha.numel()}
+
+    def rebuild(self, structure: dict) -> None:
+        if structure["n"] != self.alpha.numel():
+            raise ValueError(f"checkpoint has {structure['n']} magnitudes, this run {self.alpha.numel()}")
+
+
+def direction_norm(down: torch.Tensor, up: torch.Tensor, how: str) -> torch.Tensor:
+    """The normaliser of the direction up @ down: 'factors' ||up||_F ||down||_F (SD-LoRA's official code),
+    'product' ||up @ down||_F (its paper), 'none' 1."""
+    if how == "factors":
+        return up.norm() * down.norm()
+    if how == "product":
+        return (up @ down).norm()
+    return down.new_ones(())
+
+
+@branch_kind
+class ScaledBranch(nn.Module):
+    """alpha[index] * up @ down / norm(up @ down): a trainable direction whose scale is a shared magnitude
+    (SD-LoRA's current task; the official code leaves it unnormalised, norm 'none')."""
+
+    kind = "scaled"
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, magnitudes: Magnitudes, name: str, index: int,
+                 norm: str = "none"):
+        super().__init__()
+        self.down = nn.Parameter(down.detach().clone().float())
+        self.up = nn.Parameter(up.detach().clone().float())
+        self.__dict__["magnitudes"] = magnitudes  # shared, owned by the model: not a child of every branch
+        self.magnitudes_name, self.index, self.norm = name, int(index), norm
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down.dtype
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    def coefficient(self) -> torch.Tensor:
+        return self.magnitudes.alpha[self.index] / direction_norm(self.down, self.up, self.norm)
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.coefficient() * (self.up @ self.down)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.coefficient().to(x.dtype) * F.linear(F.linear(x, self.down), self.up)
+
+    def restore_trainable(self) -> None:
+        self.down.requires_grad_(True)
+        self.up.requires_grad_(True)
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "d_in": self.down.shape[1], "d_out": self.up.shape[0], "rank": self.rank,
+                "magnitudes": self.magnitudes_name, "index": self.index, "norm": self.norm}
+
+    @classmethod
+    def from_spec(cls, sp: dict, shared=None) -> "ScaledBranch":
+        return cls(torch.zeros(sp["rank"], sp["d_in"]), torch.zeros(sp["d_out"], sp["rank"]),
+                   shared[sp["magnitudes"]], sp["magnitudes"], sp["index"], sp["norm"])
+
+
+@branch_kind
+class FrozenDirections(nn.Module):
+    """Every earlier task's direction of one weight, frozen and normalised, each scaled by its task's shared
+    magnitude: sum_k alpha[task_k] up_k @ down_k / norm_k, held as one stacked factor pair. Its forward costs
+    min((d_in + d_out) R, d_in d_out) per token for R stacked ranks, so the cost stops growing with the task
+    count once the dense sum is cheaper; without gradients the dense sum is kept until a magnitude changes."""
+
+    kind = "frozen-directions"
+
+    def __init__(self, d_in: int, d_out: int, magnitudes: Magnitudes, name: str):
+        super().__init__()
+        self.register_buffer("down", torch.zeros(0, d_in))
+        self.register_buffer("up", torch.zeros(d_out, 0))
+        self.register_buffer("inv_norm", torch.zeros(0))  # per stacked rank: 1 / its task's norm
+        self.register_buffer("task", torch.zeros(0, dtype=torch.long))  # per stacked rank: its task
+        self.__dict__["magnitudes"] = magnitudes
+        self.magnitudes_name = name
+        self._cache = None  # (alpha version, dense delta) while no gradient is wanted
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down.dtype
+
+    @property
+    def ranks(self) -> list[int]:
+        return torch.bincount(self.task).tolist() if len(self.task) else []
+
+    @torch.no_grad()
+    def add(self, down: torch.Tensor, up: torch.Tensor, task: int, norm: str) -> None:
+        """Freeze one more direction (up @ down of task `task`, normalised as `norm` says)."""
+        r, dev = down.shape[0], self.down.device
+        n = direction_norm(down.float(), up.float(), norm).to(dev)
+        self.down = torch.cat([self.down, down.detach().float().to(dev)])
+        self.up = torch.cat([self.up, up.detach().float().to(dev)], dim=1)
+        self.inv_norm = torch.cat([self.inv_norm, (1.0 / n).expand(r)])
+        self.task = torch.cat([self.task, torch.full((r,), int(task), dtype=torch.long, device=dev)])
+        self._cache = None
+
+    def coefficients(self) -> torch.Tensor:
+        return self.magnitudes.alpha[self.task] * self.inv_norm
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.up * self.coefficients()) @ self.down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d_out, d_in, R = self.up.shape[0], self.down.shape[1], self.down.shape[0]
+        if R * (d_in + d_out) <= d_in * d_out:  # low rank is cheaper per token
+            return F.linear(F.linear(x, self.down) * self.coefficients().to(x.dtype), self.up)
+        alpha = self.magnitudes.alpha
+        if torch.is_grad_enabled() and alpha.requires_grad:
+            return F.linear(x, self.delta_weight().to(x.dtype))
+        if self._cache is None or self._cache[0] != alpha._version or self._cache[1].device != x.device:
+            self._cache = (alpha._version, self.delta_weight().detach())
+        return F.linear(x, self._cache[1].to(x.dtype))
+
+    def restore_trainable(self) -> None:
+        pass  # frozen: only the shared magnitudes train
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "d_in": self.down.shape[1], "d_out": self.up.shape[0], "ranks": self.ranks,
+                "magnitudes": self.magnitudes_name}
+
+    @classmethod
+    def from_spec(cls, sp: dict, shared=None) -> "FrozenDirections":
+        fd = cls(sp["d_in"], sp["d_out"], shared[sp["magnitudes"]], sp["magnitudes"])
+        R = sum(sp["ranks"])  # shapes only: the state dict brings the values
+        fd.down, fd.up = torch.zeros(R, sp["d_in"]), torch.zeros(sp["d_out"], R)
+        fd.inv_norm = torch.zeros(R)
+        fd.task = torch.cat([torch.full((r,), k, dtype=torch.long) for k, r in enumerate(sp["ranks"])]) \
+            if R else torch.zeros(0, dtype=torch.long)
+        return fd
