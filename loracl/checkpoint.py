@@ -166,10 +166,12 @@ def load(path: Path):
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            head = f.read(4)
+            head = f.read(9)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    # safetensors: an 8-byte header length, then the JSON header; torch.save: a zip (PK) or a bare pickle
+    # (0x80, which can also be the low byte of a safetensors header length: check for the header first)
+    if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):
         raise CheckpointError(f"checkpoint {path} is a pickle file (an older loracl, or not loracl's): refused, "
                           f"since loading a pickle can run code; delete it to start that part again")
     try:

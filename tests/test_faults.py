@@ -164,6 +164,16 @@ def test_checkpoint_round_trips_optimizer_rng_and_odd_values(tmp_path):
     assert back["empty"].shape == (0, 2) and back["half"].dtype == torch.float16
 
 
+def test_checkpoint_whose_header_length_looks_like_a_pickle_loads(tmp_path):
+    """A safetensors header length whose low byte is 0x80 (a pickle's first byte) is still a checkpoint."""
+    for pad in range(300):
+        checkpoint.atomic_save({"pad": "x" * pad, "t": torch.ones(2)}, tmp_path / "c.pt")
+        if (tmp_path / "c.pt").read_bytes()[:1] == b"\x80":
+            break
+    assert (tmp_path / "c.pt").read_bytes()[:1] == b"\x80"
+    assert checkpoint.load(tmp_path / "c.pt")["pad"] == "x" * pad
+
+
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(folder, tmp_path, capsys, monkeypatch):
     real = checkpoint._write
     calls = {"n": 0}
