@@ -80,6 +80,8 @@ class DataConfig(Strict):
     eval_batch_size: int = Field(256, ge=1)
     num_workers: int = Field(0, ge=0)
     train_augment: Literal["none", "flip", "crop_flip", "rrc_flip"] = "flip"
+    rrc_scale: tuple[float, float] = Field((0.08, 1.0), description="rrc_flip: area fraction range of the crop "
+                                                                    "(SD-LoRA's recipe: [0.05, 1])")
     normalize: bool = True
     resize: Literal["backbone", "resize", "resize_crop"] = "backbone"
     stats_augment: bool = Field(True, description="statistics / feature passes see the training transforms "

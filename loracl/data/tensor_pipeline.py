@@ -152,8 +152,9 @@ def rrc_params(n: int, side: int, gen: torch.Generator, scale=(0.08, 1.0), ratio
 class BatchAugment:
     """The training / test views of a batch of stored squares, on the batch's device."""
 
-    def __init__(self, kind: str, size: int, crop_pct: float, pipeline: Pipeline):
+    def __init__(self, kind: str, size: int, crop_pct: float, pipeline: Pipeline, rrc_scale=(0.08, 1.0)):
         self.kind, self.size, self.crop_pct, self.pipeline = kind, size, crop_pct, pipeline
+        self.rrc_scale = tuple(rrc_scale)
 
     def test_boxes(self, n: int, side: int) -> torch.Tensor:
         """The central box CenterCrop(size) keeps of Resize(floor(size / crop_pct)), in stored pixels."""
@@ -176,7 +177,7 @@ class BatchAugment:
         x = u8.float()
         kind = self.kind if gen is not None else "none"
         if kind == "rrc_flip":
-            x = _crop_resize(x, rrc_params(total, side, gen)[pick], self.size)
+            x = _crop_resize(x, rrc_params(total, side, gen, self.rrc_scale)[pick], self.size)
         elif kind == "crop_flip":
             x = _crop_resize(x, torch.tensor([[0.0, 0.0, side, side]]).expand(n, 4), self.size)
             p = max(self.size // 8, 1)

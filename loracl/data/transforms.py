@@ -79,5 +79,6 @@ def build_transforms(cfg: DataConfig, dc: dict) -> tuple[Pipeline, Pipeline]:
         geo, rnd = [T.Resize((size, size), interpolation=interp), T.RandomCrop(size, padding=max(size // 8, 1)),
                     T.RandomHorizontalFlip()], True
     else:  # rrc_flip
-        geo, rnd = [T.RandomResizedCrop(size, interpolation=interp), T.RandomHorizontalFlip()], True
+        geo, rnd = [T.RandomResizedCrop(size, scale=tuple(cfg.rrc_scale), interpolation=interp),
+                    T.RandomHorizontalFlip()], True
     return Pipeline(geo, *norm, random=rnd), test

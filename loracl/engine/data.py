@@ -29,7 +29,8 @@ class DataService:
             from ..data.tensor_pipeline import BatchAugment
 
             pct = crop_fraction(cfg.data, data_config)
-            self._augment = {True: BatchAugment(cfg.data.train_augment, data_config["size"], pct, self.train_tf),
+            self._augment = {True: BatchAugment(cfg.data.train_augment, data_config["size"], pct, self.train_tf,
+                                                cfg.data.rrc_scale),
                              False: BatchAugment("none", data_config["size"], pct, self.test_tf)}
 
     # ---- class ids -----------------------------------------------------------------------------------
