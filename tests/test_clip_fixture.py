@@ -1,0 +1,91 @@
+"""The pretrained CLIP fixture in assets/clip-tin32 (scripts/make_clip_fixture.py): it loads through loracl
+offline and scores what its card says, and KeepLoRA on both of its encoders leaves protected inputs alone."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from loracl.config import BackboneConfig, load_config
+from loracl.models.backbones import create_backbone
+from loracl.train import Runner
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = REPO / "assets"
+FIXTURE = Path(os.environ.get("LORACL_CLIP_FIXTURE", ASSETS / "clip-tin32"))
+NAME = "loracl-clip-tin32"
+
+
+def _images(files, mean, std) -> torch.Tensor:
+    x = torch.stack([torch.from_numpy(np.array(Image.open(f).convert("RGB"))) for f in files])
+    x = x.permute(0, 3, 1, 2).float() / 255
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def test_fixture_zero_shot_on_the_handful_equals_the_card():
+    card = json.loads((FIXTURE / "card.json").read_text())
+    bb = create_backbone(BackboneConfig(kind="open_clip", name=NAME, file=str(FIXTURE / "model.safetensors"))).eval()
+    dc = bb.data_config()
+    assert dc["size"] == 32
+    rows = [l.split("\t") for l in (ASSETS / "tiny-imagenet-val-5" / "classes.tsv").read_text().splitlines() if l]
+    wordnet_names = card["handful"]["class_names"]
+    assert len(wordnet_names) == len(rows) == 200
+    hand = card["handful"]
+    x = _images([ASSETS / f for f in hand["files"]], dc["mean"], dc["std"])
+    with torch.no_grad():
+        txt = torch.nn.functional.normalize(bb.encode_text(bb.tokenize([f"a photo of a {c}." for c in wordnet_names])), dim=-1)
+        img = torch.nn.functional.normalize(bb.features(x), dim=-1)
+    pred = (img @ txt.T).argmax(1).tolist()
+    assert pred == hand["predictions"]
+    target = [[r[1] for r in rows].index(Path(f).parent.name) for f in hand["files"]]
+    assert np.mean(np.asarray(pred) == np.asarray(target)) == pytest.approx(hand["top1"], abs=1e-12)
+    # well above chance (1/200), or the fixture would not stand for a pretrained CLIP
+    assert hand["top1"] > 0.1
+
+
+def _two_task_run(tmp_path, **method_sets):
+    """KeepLoRA on both encoders of the fixture over two 3-class tasks of the bundled CIFAR-100 images; returns
+    the zero-shot logits of task 0's test images over task 0's classes after each task."""
+    root = ASSETS / "cifar100-20"
+    datasets = (f"[{{name: imagefolder, root: '{root}', classes: [0, 1, 2], max_per_class: {{train: 8, test: 4}}, "
+                f"label: a}}, {{name: imagefolder, root: '{root}', classes: [3, 4, 5], max_per_class: "
+                f"{{train: 8, test: 4}}, label: b}}]")
+    sets = [f"backbone.file={FIXTURE / 'model.safetensors'}", f"benchmark.datasets={datasets}",
+            "train.epochs=1", "train.max_steps_per_epoch=8", "data.batch_size=8", "train.amp=none",
+            "method.encoders=[image, text]", "train.optimizer.lr=0.05"] + [f"{k}={v}" for k, v in method_sets.items()]
+    cfg = load_config(preset="mini-mtil-clip", method="keeplora", sets=sets)
+    r = Runner(cfg, tmp_path, progress=False, log=lambda *a, **k: None)
+    t0 = r.scenario.tasks[0]
+    dc = r.model.backbone.data_config()
+    x = _images([t0.test.describe(i) for i in range(len(t0.test))], dc["mean"], dc["std"])
+    ids = torch.tensor(t0.class_ids)
+    logits = []
+    end_task = r.method.end_task
+
+    def end_task_and_score(task):
+        end_task(task)
+        with torch.no_grad():
+            logits.append(r.method.logits(x, ids).clone())
+
+    r.method.end_task = end_task_and_score
+    r.run()
+    return logits
+
+
+def test_keeplora_keeps_the_zero_shot_logits_of_a_protected_task(tmp_path):
+    """After task 0, KeepLoRA protects the input directions of every adapted layer that hold eps_f of the
+    energy of task 0's image tokens and prompts; task 1's update lives in the rest, so task 0's zero-shot
+    logits stay nearly where they were (what moves them is the 0.1% of energy left unprotected). The same
+    training with the protection off (no principal subspace, eps_f tiny) moves them ten times as far."""
+    kept = _two_task_run(tmp_path / "kept", **{"method.eps_f": 0.999})
+    loose = _two_task_run(tmp_path / "loose", **{"method.eps_w": "{image: 0.0, text: 0.0}", "method.eps_f": 1e-6})
+    moved_kept = (kept[1] - kept[0]).abs().max().item()
+    moved_loose = (loose[1] - loose[0]).abs().max().item()
+    assert moved_loose > 0.05  # task 1 did train both encoders
+    assert moved_kept < 0.25 * moved_loose, (moved_kept, moved_loose)
