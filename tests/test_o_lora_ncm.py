@@ -85,3 +85,35 @@ def test_ncm_runs_without_training_and_scores_prototypes(tmp_path):
     tasks = runner.scenario.tasks
     acc = ncm_accuracy(m.run, m.model, [t.train for t in tasks], [t.test for t in tasks], list(range(20)))
     assert acc == pytest.approx(r["metrics"]["final_acc"], abs=1e-3)
+
+
+@pytest.mark.shared
+def test_o_lora_resumes_mid_task_exactly(tmp_path):
+    """Killed after a step checkpoint of task 1: the resumed run rebuilds the frozen and the live branch from the
+    checkpoint, penalises the rebuilt ones and ends with the same results."""
+    from loracl.methods import register
+    from loracl.methods.o_lora import OLoRA
+
+    @register
+    class OLoRAKilled(OLoRA):
+        name = "test-o-lora-killed"
+        steps = 0
+
+        def loss(self, batch, task):
+            if task.index == 1:
+                OLoRAKilled.steps += 1
+                if OLoRAKilled.steps == 4:  # after the step checkpoint at step 2 of task 1
+                    raise KeyboardInterrupt
+            return super().loss(batch, task)
+
+    sets = ["train.checkpoint_every=2", "train.epochs=2"]
+    whole = tiny_runner(tmp_path, "o-lora", *sets).run()
+    with pytest.raises(KeyboardInterrupt):
+        tiny_runner(tmp_path, "test-o-lora-killed", *sets).run()
+    assert (tmp_path / "test-o-lora-killed" / "checkpoints" / "step.pt").exists()
+    from loracl.train import Runner
+
+    cfg = load_config(preset="cifar100-mini", method="o-lora", sets=smoke_sets(**{"eval.max_per_task": None}) + TINY
+                      + sets)
+    resumed = Runner(cfg, tmp_path / "test-o-lora-killed", resume=True, progress=False, log=lambda *a, **k: None).run()
+    assert resumed["acc_matrix"] == whole["acc_matrix"] and resumed["metrics"] == whole["metrics"]
