@@ -99,3 +99,53 @@ def test_owned_modules_and_fit_restores_the_net(tmp_path, one_thread):
     with pytest.raises(RuntimeError, match="a step failed"):
         r.services.fit(task, phase="train", images=task.train, epochs=1, loss_fn=boom)
     assert r.method.net is r.model and not r.model.training  # handed back, in eval mode
+
+
+@pytest.mark.shared
+def test_divergence_stops_at_that_step_and_never_saves_a_nan_state(tmp_path, one_thread):
+    from loracl.errors import TrainingDiverged
+    from loracl.train import Runner
+
+    sets = smoke_sets(**{"benchmark.num_tasks": 2, "train.max_steps_per_epoch": 6, "data.batch_size": 4})
+    r = Runner(load_config(preset="cifar100-mini", method="seq-lora", sets=sets), tmp_path, progress=False,
+               log=lambda *a, **k: None)
+    r.method.setup()
+    task = r.scenario.tasks[0]
+    r.trainer.current_task = task
+    r.method.begin_task(task)
+    calls = []
+
+    def nan_at_step_2(batch, task):
+        calls.append(1)
+        loss = r.method.loss(batch, task)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    with pytest.raises(TrainingDiverged, match=r"step 2 of the epoch"):
+        r.services.fit(task, phase="train", images=task.train, epochs=1, loss_fn=nan_at_step_2)
+    assert len(calls) == 3  # stopped at that step, not at the end of the epoch
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())  # the NaN step updated nothing
+    with torch.no_grad():
+        r.model.head.chunks[0].weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match="not saved"):
+        r.checkpoints.save_task(0)
+    assert not (tmp_path / "checkpoints" / "task_00.pt").exists()
+
+
+@pytest.mark.shared
+def test_resume_falls_back_from_a_broken_newest_checkpoint(tmp_path, one_thread):
+    from loracl.cli import main
+    from loracl.train import Runner
+
+    sets = smoke_sets(**{"benchmark.num_tasks": 4})
+    args = ["run", "--preset", "cifar100-mini", "--method", "seq-lora", "--out", str(tmp_path / "run")]
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    newest = tmp_path / "run" / "checkpoints" / "task_03.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a crash of the disk
+    lines = []
+    r = Runner(load_config(preset="cifar100-mini", method="seq-lora", sets=sets), tmp_path / "run", resume=True,
+               progress=False, log=lines.append)
+    r.method.setup()
+    start, step = r.checkpoints.restore()
+    assert start == 3 and step is None
+    assert any("task_03.pt" in m and "falling back" in m for m in lines)
+    assert any("task_02.pt" in m for m in lines)

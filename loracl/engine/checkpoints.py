@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..checkpoint import atomic_save, changed_state, digests, load
-from ..errors import LoraclError
+from ..checkpoint import atomic_save, changed_state, digests, load, nonfinite
+from ..errors import CheckpointError, LoraclError, TrainingDiverged
 from ..models.model import ContinualModel
 from .record import RunRecord
 
@@ -43,7 +43,7 @@ class CheckpointManager:
         state = {"task": task_index, **self.model_state(), "method": self.method.state_dict(),
                  "results": self.record.results,
                  "components": {k: c.state_dict() for k, c in self.components.items()}}
-        atomic_save(state, self.dir / f"task_{task_index:02d}.pt")
+        self._save_good(state, self.dir / f"task_{task_index:02d}.pt", f"after task {task_index}")
         self.drop_step()
 
     def save_step(self, task, opt, sched, scaler, epoch, batch, step) -> None:
@@ -52,7 +52,16 @@ class CheckpointManager:
         state = {"task": task.index, "epoch": epoch, "batch": batch, "step": step, **self.model_state(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                  "rng": torch.get_rng_state(), "method": self.method.state_dict(), **self.record.step_state()}
-        atomic_save(state, self.dir / "step.pt")
+        self._save_good(state, self.dir / "step.pt", f"at step {step} of task {task.index}")
+
+    def _save_good(self, state: dict, path: Path, when: str) -> None:
+        """Only a finite state is ever written as a checkpoint, so the last good one stays good."""
+        bad = nonfinite(state)
+        if bad:
+            raise TrainingDiverged(f"the training state {when} holds NaN or inf ({', '.join(bad[:3])}"
+                                   f"{' ...' if len(bad) > 3 else ''}); it is not saved. Last good checkpoint: "
+                                   f"{self.last_good() or 'none'}; lower the learning rate or set train.grad_clip")
+        atomic_save(state, path)
 
     def drop_step(self) -> None:
         step = self.dir / "step.pt"
@@ -66,21 +75,30 @@ class CheckpointManager:
         return str(tasks[-1]) if tasks else None
 
     def restore(self) -> tuple[int, dict | None]:
-        """Load the latest task checkpoint (and a later step checkpoint); returns (first task to run, step state)."""
-        tasks = sorted(self.dir.glob("task_*.pt"))
-        start = 0
-        if tasks:
-            state = load(tasks[-1])
+        """Load the newest readable task checkpoint (and a later step checkpoint); returns (first task to run,
+        step state). An unreadable checkpoint (truncated, foreign) is passed over, and the log says so."""
+        start, state, path = 0, None, None
+        for path in sorted(self.dir.glob("task_*.pt"), reverse=True):
+            try:
+                state = load(path)
+                break
+            except CheckpointError as e:
+                self.log(f"{e}; falling back to an earlier checkpoint")
+        if state is not None:
             self.load_model_state(state)
             self.method.load_state_dict(state["method"])
             for k, c in self.components.items():
                 c.load_state_dict(state.get("components", {})[k])
             self.record.results = state["results"]
             start = state["task"] + 1
-            self.log(f"resuming after task {start} from {tasks[-1]}")
+            self.log(f"resuming after task {start} from {path}")
         step_state = None
         if (self.dir / "step.pt").exists():
-            s = load(self.dir / "step.pt")
+            try:
+                s = load(self.dir / "step.pt")
+            except CheckpointError as e:
+                self.log(f"{e}; resuming from the start of the task instead")
+                s = {"task": -1}
             if s["task"] >= start:
                 step_state = s
                 self.log(f"resuming task {s['task'] + 1} at epoch {s['epoch'] + 1}, batch {s['batch']} "

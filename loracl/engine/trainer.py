@@ -76,6 +76,31 @@ def build_schedule(opt, cfg: ScheduleConfig, epochs: int, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+class DivergenceWatch:
+    """The first non-finite step, read on the host without waiting for the device: the step's flag is copied
+    to pinned host memory asynchronously and read once the copy is done (on a GPU a step or two later; on the
+    CPU at once), so training stops right after a divergence instead of at the end of the epoch. Under
+    torchrun the processes could see it at different steps and wait on each other's collectives, so there the
+    check stays at checkpoints and epoch ends."""
+
+    def __init__(self, device: torch.device):
+        self.enabled = not dist.is_dist()
+        self.host = torch.full((1,), -1, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.view = self.host.numpy()  # the same memory, read without a tensor-to-host conversion
+        self.event = torch.cuda.Event() if device.type == "cuda" else None
+
+    def post(self, first_bad: torch.Tensor) -> None:
+        if self.enabled:
+            self.host.copy_(first_bad.reshape(1), non_blocking=self.event is not None)
+            if self.event is not None:
+                self.event.record()
+
+    def tripped(self) -> bool:
+        if not self.enabled or (self.event is not None and not self.event.query()):
+            return False
+        return bool(self.view[0] >= 0)
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, device: torch.device, data: DataService, record: RunRecord,
                  precision: Precision, checkpoints, *, progress: bool = False):
@@ -131,6 +156,7 @@ class Trainer:
             start_epoch, start_batch, step = resume_state["epoch"], resume_state["batch"], resume_state["step"]
             torch.set_rng_state(resume_state["rng"])
         first_bad = torch.tensor(-1, device=self.device)
+        watch = DivergenceWatch(self.device)
         loss = torch.zeros(())
         flops = self.record.flops
         method.net = self._data_parallel()
@@ -167,6 +193,9 @@ class Trainer:
                         else:
                             first_bad = torch.where((first_bad < 0) & ~finite,
                                                     torch.tensor(step, device=self.device), first_bad)
+                            watch.post(first_bad)
+                            if watch.tripped():
+                                self._check_finite(first_bad, task, phase, spe)
                             after_backward(task)
                             if cfg.train.grad_clip:
                                 scaler.unscale_(opt)
