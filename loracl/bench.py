@@ -303,7 +303,25 @@ def throughput(run, task, train_images, test_images, tasks: int, rank: int | Non
     return out
 
 
-SECTIONS = ("stats", "steps", "throughput")
+def method_steps(run, tasks: int, images: int, steps: int, warmup: int) -> dict:
+    """The method itself through `tasks` tasks, each its begin_task, `steps` timed training steps on one batch
+    and end_task: median seconds per step at every task, with whatever the method keeps from earlier tasks
+    (SD-LoRA's frozen directions and magnitudes, O-LoRA's live branches, prompt pools)."""
+    seconds = []
+    for task in run.scenario.tasks[:tasks]:
+        task = dataclasses.replace(task, train=_first(task.train, images))
+        run.trainer.current_task = task
+        run.method.begin_task(task)
+        params = [p for ps in run.method.param_groups(task).values() for p in ps if p.requires_grad]
+        batch = Batch(*next(iter(run.data.batches(task.train, train=True, seed_parts=("bench", task.index)))))
+        run.model.train(run.cfg.train.model_mode == "train")
+        seconds.append(_time_steps(run, task, batch, params, steps, warmup))
+        run.method.end_task(task)
+    return {"tasks": list(range(1, len(seconds) + 1)), "seconds": seconds, "batch_size": len(batch.y)}
+
+
+SECTIONS = ("stats", "steps", "throughput", "tasks")
+DEFAULT_SECTIONS = ("stats", "steps", "throughput")
 
 
 def _config(args):
@@ -372,6 +390,12 @@ def run_bench(args) -> dict:
                                      repeats=args.repeats)
         if "throughput" in args.sections:
             res["throughput"] = throughput(run, task, train, test, max(args.tasks), repeats=args.repeats)
+    if "tasks" in args.sections:  # a fresh run: the method's own state from its first task on
+        with tempfile.TemporaryDirectory() as tmp:
+            run = Runner(cfg, Path(tmp), progress=False, log=lambda *a, **k: None, scenario=scenario,
+                         meter=ImageCount())
+            run.method.setup()
+            res["tasks"] = method_steps(run, max(args.tasks), args.images, args.steps, args.warmup)
     res["machine"] = machine_info()
     res["summary"] = summary(res)
     return res
@@ -406,7 +430,8 @@ def add_parser(sub) -> None:
     b.add_argument("--batch-size", type=int, help="default: the preset's data.batch_size")
     b.add_argument("--epochs", type=int, help="epochs per task for the share (default: the preset's)")
     b.add_argument("--threads", type=int, help="torch CPU threads")
-    b.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    b.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
+                   help="'tasks': the method's own step cost at every task count (not in the default)")
     b.add_argument("--json", metavar="PATH", help="write the figures (and the machine) as JSON")
     b.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
     b.set_defaults(fn=cmd_bench)

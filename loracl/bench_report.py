@@ -37,6 +37,14 @@ def render(res: dict) -> str:
             lines.append("  " + f"{label:34s}" + "".join(f"{x:12.4f}" for x in v) + f"{v[-1] / v[0]:12.2f}")
         m, o = st["seconds"]["merged"][-1], st["seconds"]["official"][-1]
         lines.append(f"  at task {ts[-1]}: official / merged = {o / m:.2f}x")
+    if "tasks" in res:
+        tk = res["tasks"]
+        v = tk["seconds"]
+        lines += ["", f"seconds per training step of the method itself, batch {tk['batch_size']}, with what it keeps "
+                      f"from earlier tasks:",
+                  "  " + "".join(f"{'task ' + str(t):>10s}" for t in tk["tasks"]),
+                  "  " + "".join(f"{x:10.4f}" for x in v),
+                  f"  last / first task: {v[-1] / v[0]:.2f}x"]
     if "throughput" in res:
         tp = res["throughput"]
         mem = "CUDA max allocated" if tp["peak_memory_kind"].startswith("cuda") else "process max RSS (CPU)"
@@ -90,5 +98,7 @@ def summary(res: dict) -> dict:
         out["step_tasks"] = [st["tasks"][0], st["tasks"][-1]]
     if sh:
         out["stats_fraction_of_task"] = sh["share"]
+    if res.get("tasks"):
+        out["method_step_seconds_per_task"] = res["tasks"]["seconds"]
     out["machine"] = res["machine"]
     return out

@@ -46,6 +46,19 @@ def test_bench_command_runs(capsys):
         assert text in out
 
 
+@pytest.mark.shared
+def test_bench_tasks_section_times_the_method_itself(capsys):
+    """SD-LoRA through three of its own tasks: a step time per task, its frozen directions in place."""
+    from loracl.cli import main
+
+    torch.set_num_threads(1)
+    rc = main(["bench", "--method", "sd-lora", "--sections", "tasks", "--steps", "1", "--warmup", "0",
+               "--tasks", "1", "3", "--batch-size", "4", "--images", "8", "--set", "eval.retention=null"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "seconds per training step of the method itself" in out
+    assert "task 3" in out and "last / first task" in out
+
+
 # ---- the throughput section and --json --------------------------------------------------------------------
 
 KEYS = ("train_images_per_s", "reference_train_images_per_s", "speedup", "eval_images_per_s",
