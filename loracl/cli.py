@@ -14,7 +14,7 @@ from pathlib import Path
 from . import dist
 from .errors import LoraclError
 
-DEMO_METHODS = ["seq-lora", "inflora", "joint"]  # linear-probe too with --methods
+DEMO_METHODS = ["seq-lora", "inflora", "inflora-ca", "joint"]  # linear-probe too with --methods
 
 
 def default_out(cfg) -> Path:

@@ -217,11 +217,11 @@ def test_corrupt_image_in_a_worker_is_one_line(tmp_path, capsys):
 
 def test_demo_runs_on_the_bundled_assets_and_prints_the_table(tmp_path, capsys):
     """`make demo`'s job on the repository's own bundle (no ../shared), shortened."""
-    args = ["demo", "--out", str(tmp_path / "demo"), "--methods", "seq-lora", "inflora"]
+    args = ["demo", "--out", str(tmp_path / "demo"), "--methods", "seq-lora", "inflora-ca"]
     for s in smoke_sets(**{"benchmark.num_tasks": 2}):
         args += ["--set", s]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "| demo-cifar100-20 | inflora | 0 |" in out and "| demo-cifar100-20 | seq-lora | 0 |" in out
-    assert (tmp_path / "demo" / "comparison.md").exists() and (tmp_path / "demo" / "inflora" / "seed0" / "report.html").exists()
+    assert "| demo-cifar100-20 | inflora-ca | 0 |" in out and "| demo-cifar100-20 | seq-lora | 0 |" in out
+    assert (tmp_path / "demo" / "comparison.md").exists() and (tmp_path / "demo" / "inflora-ca" / "seed0" / "report.html").exists()
     assert main(args) == 0 and "already done" in capsys.readouterr().out  # a second call reuses finished runs
