@@ -188,9 +188,10 @@ class Runner:
         row, aware = self.evaluator.evaluate_row(t)
         if self.results["retention"] is not None and (cfg.eval.retention_every_task or t == T - 1):
             self.results["retention"]["per_task"][t] = self.evaluator.retention_accuracy()
-        if cfg.eval.ncm and (t == T - 1 or self.method.joint):
-            self.results["final_acc_ncm"] = self.evaluator.ncm_accuracy(self.services, t)
         self.record.task_done(t, row, aware, seconds, time.perf_counter() - e0, self.evaluator.eval_sizes())
+        if cfg.eval.ncm and (t == T - 1 or self.method.joint):  # after the task's cost is recorded: not training
+            self.results["final_acc_ncm"] = self.evaluator.ncm_accuracy(self.services, t)
+            self.results["metrics"]["final_acc_ncm"] = self.results["final_acc_ncm"]
         self.log(self.record.progress_line(t, task.name, seconds, self.method.joint))
         self.checkpoints.save_task(t)
         self.record.write()
