@@ -63,7 +63,10 @@ def load_image(path: str) -> Image.Image:
     try:
         with Image.open(path) as im:
             im.load()  # decode here, while the file is open and its errors are caught
-            return to_rgb(im)
+            out = to_rgb(im)
+            # an RGB file comes back as the opened image itself: detach it from the file the `with` closes
+            # (a closed ImageFile that is loaded again asserts on its file pointer)
+            return out.copy() if out is im else out
     except Image.DecompressionBombError as e:
         raise DataError(f"image {path} is too large to decode ({e}); shrink it, or raise PIL's "
                         f"Image.MAX_IMAGE_PIXELS if it is trusted") from None
