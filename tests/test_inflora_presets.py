@@ -78,18 +78,20 @@ def _real_images(n: int) -> list[Path]:
 
 @pytest.mark.shared
 def test_imagenet_r_loader_with_the_shipped_split(tmp_path):
-    """A copy of ImageNet-R laid out as the download (`imagenet-r/<wnid>/<file>.jpg`) with the first listed
-    files present: the shipped lists resolve to 24,000 / 6,000 files over 200 classes and images load."""
+    """A copy of ImageNet-R laid out as the download (`imagenet-r/<wnid>/<file>.jpg`), the first listed files
+    real images (the others empty files, since a listed file that is absent stops the load): the shipped lists resolve to 24,000 / 6,000 files over 200 classes and images load."""
     from loracl.config import DatasetSpec
 
     train = yaml.safe_load((SPLIT_DIR / "imagenet-r" / "train.yaml").read_text())
     test = yaml.safe_load((SPLIT_DIR / "imagenet-r" / "test.yaml").read_text())
     src = _real_images(6)
     listed = train["data"][:3] + test["data"][:3]
-    for f, img in zip(listed, src):
+    for f in train["data"] + test["data"]:  # every listed file exists (checked up front); the rest stay empty
         dst = tmp_path / "imagenet-r" / Path(*Path(f).parts[-2:])
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(img, dst)
+        dst.touch()
+    for f, img in zip(listed, src):
+        shutil.copy(img, tmp_path / "imagenet-r" / Path(*Path(f).parts[-2:]))
     ds = load_dataset(DatasetSpec(name="imagenet-r", root=str(tmp_path)))  # root may hold imagenet-r/
     assert len(ds.class_names) == 200 and (len(ds.train), len(ds.test)) == (24000, 6000)
     for part, doc in (("train", train), ("test", test)):
