@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -59,6 +60,26 @@ def smoke_sets(**extra) -> list[str]:
     for k, v in base.items():
         out.append(f"{k}={'null' if v is None else v}")
     return out
+
+
+@contextlib.contextmanager
+def interrupted_at_step_checkpoint(n: int):
+    """Ctrl-C right after a run's n-th mid-task checkpoint is written (what a user's interrupt leaves behind)."""
+    from loracl.engine.checkpoints import CheckpointManager
+
+    orig, saves = CheckpointManager.save_step, {"n": 0}
+
+    def save_then_stop(self, *a, **k):
+        orig(self, *a, **k)
+        saves["n"] += 1
+        if saves["n"] == n:
+            raise KeyboardInterrupt
+
+    CheckpointManager.save_step = save_then_stop
+    try:
+        yield
+    finally:
+        CheckpointManager.save_step = orig
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import smoke_sets
+from conftest import interrupted_at_step_checkpoint, smoke_sets
 from loracl.checkpoint import digests, load
 from loracl.cli import main
 from loracl.config import BackboneConfig, load_config
@@ -237,9 +237,7 @@ def test_clip_image_encoder_prompted_text_head(tmp_path, method, sets):
 
 
 @pytest.mark.shared
-def test_resume_is_exact(tmp_path, monkeypatch):
-    from loracl.engine.checkpoints import CheckpointManager
-
+def test_resume_is_exact(tmp_path):
     sets = smoke_sets(**{"benchmark.num_tasks": 2, "train.max_steps_per_epoch": 3, "train.epochs": 2,
                          "train.checkpoint_every": 2, "data.batch_size": 8, "eval.max_per_task": 20})
     def run(name, *extra):
@@ -249,18 +247,8 @@ def test_resume_is_exact(tmp_path, monkeypatch):
         return main(args + list(extra))
 
     assert run("full") == 0
-    saves = {"n": 0}
-    orig = CheckpointManager.save_step
-
-    def crash_in_task1(self, *a, **k):
-        orig(self, *a, **k)
-        saves["n"] += 1
-        if saves["n"] == 4:  # second step checkpoint of task 1
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(CheckpointManager, "save_step", crash_in_task1)
-    assert run("part") == 130
-    monkeypatch.setattr(CheckpointManager, "save_step", orig)
+    with interrupted_at_step_checkpoint(4):  # second step checkpoint of task 1
+        assert run("part") == 130
     assert run("part", "--resume") == 0
     import json
 

@@ -5,11 +5,10 @@ import json
 import pytest
 import torch
 
-from conftest import smoke_sets
+from conftest import interrupted_at_step_checkpoint, smoke_sets
 from loracl.cli import main
 from loracl.methods import register
 from loracl.methods.baselines import SeqLoRA
-from loracl.engine.checkpoints import CheckpointManager
 from loracl.train import Runner
 
 pytestmark = pytest.mark.shared
@@ -86,24 +85,14 @@ def test_flops_of_a_lora_step_match_hand_count(tmp_path):
     assert per_img == pytest.approx(2 * (fwd + bwd), rel=0.01)
 
 
-def test_resume_equals_uninterrupted(tmp_path, monkeypatch):
+def test_resume_equals_uninterrupted(tmp_path):
     sets = smoke_sets(**{"benchmark.num_tasks": 4, "train.max_steps_per_epoch": 3, "train.epochs": 2,
                          "train.checkpoint_every": 2, "data.batch_size": 8})
     rc, full = run(tmp_path, sets=sets, name="full")
     assert rc == 0
-    saves = {"n": 0}
-    orig = CheckpointManager.save_step
-
-    def crash_in_task1(self, *a, **k):
-        orig(self, *a, **k)
-        saves["n"] += 1
-        if saves["n"] == 4:  # second step checkpoint of task 1
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(CheckpointManager, "save_step", crash_in_task1)
-    rc, part = run(tmp_path, sets=sets, name="part")
+    with interrupted_at_step_checkpoint(4):  # second step checkpoint of task 1
+        rc, part = run(tmp_path, sets=sets, name="part")
     assert rc == 130 and (part / "checkpoints" / "step.pt").exists()
-    monkeypatch.setattr(CheckpointManager, "save_step", orig)
     rc, part = run(tmp_path, "--resume", sets=sets, name="part")
     assert rc == 0
     a, b = results(full), results(part)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import smoke_sets
+from conftest import interrupted_at_step_checkpoint, smoke_sets
 from loracl.cli import main
 from loracl.methods.sd_lora import absorption_coefficients, rank_for_task
 from loracl.models.branches import FrozenDirections, Magnitudes, ScaledBranch, direction_norm
@@ -98,26 +98,12 @@ def _run(tmp_path, method, *extra, name="run", sets=()):
 @pytest.mark.shared
 @pytest.mark.parametrize("method", ["sd-lora", "sd-lora-kd"])
 def test_sd_lora_runs_and_resumes_exactly(tmp_path, method, one_thread):
-    from loracl.engine.checkpoints import CheckpointManager
-
     rc, full = _run(tmp_path, method, name="full")
     assert rc == 0
     a = json.loads((full / "results.json").read_text())
     assert all(v is not None for v in a["acc_matrix"][3])
-    saves = {"n": 0}
-    orig = CheckpointManager.save_step
-
-    def crash(self, *args, **kw):
-        orig(self, *args, **kw)
-        saves["n"] += 1
-        if saves["n"] == 3:  # mid task 1, after frozen directions and magnitudes exist
-            raise KeyboardInterrupt
-
-    CheckpointManager.save_step = crash
-    try:
+    with interrupted_at_step_checkpoint(3):  # mid task 1, after frozen directions and magnitudes exist
         rc, part = _run(tmp_path, method, name="part")
-    finally:
-        CheckpointManager.save_step = orig
     assert rc == 130
     rc, part = _run(tmp_path, method, "--resume", name="part")
     assert rc == 0
