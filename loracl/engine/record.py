@@ -188,10 +188,6 @@ class RunRecord:
         if self._tb is not None:
             self._tb.add_scalar(tag, value_fn(), step)
 
-    @property
-    def logging_scalars(self) -> bool:
-        return self._tb is not None
-
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
