@@ -317,7 +317,46 @@ def method_steps(run, tasks: int, images: int, steps: int, warmup: int) -> dict:
         run.model.train(run.cfg.train.model_mode == "train")
         seconds.append(_time_steps(run, task, batch, params, steps, warmup))
         run.method.end_task(task)
-    return {"tasks": list(range(1, len(seconds) + 1)), "seconds": seconds, "batch_size": len(batch.y)}
+    out = {"tasks": list(range(1, len(seconds) + 1)), "seconds": seconds, "batch_size": len(batch.y)}
+    if getattr(run.model, "prompts", None) is not None:
+        out["query"] = query_cost(run, batch.x, steps, warmup)
+    return out
+
+
+def _median_seconds(run, fn, steps: int, warmup: int) -> float:
+    times = []
+    for i in range(warmup + steps):
+        _sync(run.device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(run.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def query_cost(run, x, steps: int, warmup: int) -> dict:
+    """A prompt method's query forward (the frozen model without prompts) alone, as every training step runs
+    it, and an evaluation batch (query + prompted forward) with the query computed and with it held by the
+    query memo (every evaluation after a task's first)."""
+    from .models.prompts import QueryMemo
+
+    prompts, backbone, ids = run.model.prompts, run.model.backbone, run.services.train_classes(run.trainer.current_task)
+    memo = prompts._memo
+    run.model.eval()
+    with torch.no_grad(), run.services.amp_context():
+        backbone.train(run.cfg.train.model_mode == "train")
+        query = _median_seconds(run, lambda: prompts.query(backbone, x), steps, warmup)
+        backbone.eval()
+
+        def cold():
+            prompts._memo = QueryMemo(0)
+            run.method.logits(x, ids)
+
+        computed = _median_seconds(run, cold, steps, warmup)
+        prompts._memo = memo
+        held = _median_seconds(run, lambda: run.method.logits(x, ids), steps, warmup)
+    return {"query_seconds": query, "eval_batch_seconds": computed, "eval_batch_seconds_memo": held}
 
 
 SECTIONS = ("stats", "steps", "throughput", "tasks")

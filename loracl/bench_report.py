@@ -45,6 +45,13 @@ def render(res: dict) -> str:
                   "  " + "".join(f"{'task ' + str(t):>10s}" for t in tk["tasks"]),
                   "  " + "".join(f"{x:10.4f}" for x in v),
                   f"  last / first task: {v[-1] / v[0]:.2f}x"]
+        if "query" in tk:
+            qc = tk["query"]
+            lines += [f"  the query forward alone: {qc['query_seconds']:.4f} s, {qc['query_seconds'] / v[-1]:.0%} of "
+                      f"the last step",
+                      f"  an evaluation batch: {qc['eval_batch_seconds']:.4f} s with the query computed, "
+                      f"{qc['eval_batch_seconds_memo']:.4f} s with it held by the query memo "
+                      f"({qc['eval_batch_seconds'] / qc['eval_batch_seconds_memo']:.2f}x)"]
     if "throughput" in res:
         tp = res["throughput"]
         mem = "CUDA max allocated" if tp["peak_memory_kind"].startswith("cuda") else "process max RSS (CPU)"
@@ -100,5 +107,6 @@ def summary(res: dict) -> dict:
         out["stats_fraction_of_task"] = sh["share"]
     if res.get("tasks"):
         out["method_step_seconds_per_task"] = res["tasks"]["seconds"]
+        out.update(res["tasks"].get("query", {}))
     out["machine"] = res["machine"]
     return out

@@ -1,6 +1,8 @@
 """`loracl bench`: the three ways of holding earlier branches compute the same function, and the command runs
 end to end on the fixture (no timing is asserted: it is a benchmark, not a timed test)."""
 
+import json
+
 import pytest
 import torch
 
@@ -58,6 +60,19 @@ def test_bench_tasks_section_times_the_method_itself(capsys):
     assert rc == 0 and "seconds per training step of the method itself" in out
     assert "task 3" in out and "last / first task" in out
 
+
+
+def test_bench_tasks_section_times_a_prompt_methods_query(tmp_path, capsys):
+    """L2P: the query forward's share of a step and an evaluation batch with and without the query memo."""
+    from loracl.cli import main
+
+    torch.set_num_threads(1)
+    rc = main(["bench", "--method", "l2p", "--sections", "tasks", "--steps", "1", "--warmup", "0", "--tasks", "2",
+               "--batch-size", "4", "--images", "8", "--set", "eval.retention=null", "--json", str(tmp_path / "b.json")])
+    out = capsys.readouterr().out
+    assert rc == 0 and "the query forward alone" in out and "held by the query memo" in out
+    res = json.loads((tmp_path / "b.json").read_text())
+    assert all(res[k] > 0 for k in ("query_seconds", "eval_batch_seconds", "eval_batch_seconds_memo"))
 
 # ---- the throughput section and --json --------------------------------------------------------------------
 

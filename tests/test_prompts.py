@@ -144,6 +144,36 @@ def test_gram_schmidt_is_orthonormal_to_the_earlier_span():
     torch.testing.assert_close(full.norm(dim=1), torch.ones(3))
 
 
+def test_query_memo_reuses_test_queries_and_never_training_ones(tiny_vit):
+    class Counting(torch.nn.Module):  # the real tiny ViT, counting its forwards
+        def __init__(self):
+            super().__init__()
+            self.vit, self.calls = tiny_vit, 0
+
+        def features(self, x):
+            self.calls += 1
+            return self.vit(x)
+
+    bb, m = Counting().eval(), CodaPrompts(CodaPromptConfig(pool=4, length=2, blocks=[0]), 2, {0: 48}, 48)
+    g = torch.Generator().manual_seed(0)
+    x, other = torch.randn(4, 3, 32, 32, generator=g), torch.randn(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        direct = tiny_vit(torch.cat([x, other]))
+        q = m.query(bb, x)
+        assert bb.calls == 1 and torch.equal(q, direct[:4])
+        assert torch.equal(m.query(bb, x), q) and bb.calls == 1  # held: no second forward
+        assert torch.equal(m.query(bb, x[[2, 0]]), q[[2, 0]]) and bb.calls == 1  # per image, any order
+        mixed = m.query(bb, torch.cat([x[:1], other]))  # one image not held: the batch is computed
+        assert bb.calls == 2
+        torch.testing.assert_close(mixed, direct[[0, 4]])
+        bb.train()
+        m.query(bb, x)  # training mode (dropout, augmentation): never from the memo
+        assert bb.calls == 3
+        bb.eval()
+    m.query(bb, x)  # autograd on: a training step
+    assert bb.calls == 4
+
+
 def test_coda_new_components_orthonormal_and_earlier_frozen():
     torch.manual_seed(0)
     c = CodaComponents(n_tasks=3, per_task=4, length=2, dim=8, key_dim=10)

@@ -214,6 +214,39 @@ def uniform_(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.rand(*shape))
 
 
+class QueryMemo:
+    """Queries of test-view images, keyed by content: each image's key is its projection on 4 fixed random
+    directions (float64, computed where the image is), so a lookup moves 32 bytes per image, not the image.
+    Distinct real images do not share all four projections; an identical image has the same query anyway. A key
+    that rounds differently (another thread split of the sums) only misses: the query is then computed.
+    Holds at most `mb` MiB of queries; past that, new images are computed and not kept."""
+
+    def __init__(self, mb: float):
+        self.budget, self.used = mb * 2 ** 20, 0
+        self.rows: dict[bytes, torch.Tensor] = {}
+        self._dirs: torch.Tensor | None = None
+
+    def keys_of(self, x: torch.Tensor) -> list[bytes]:
+        flat = x.reshape(len(x), -1)
+        if self._dirs is None or self._dirs.shape[0] != flat.shape[1] or self._dirs.device != x.device:
+            g = torch.Generator().manual_seed(0)
+            self._dirs = torch.randn(flat.shape[1], 4, generator=g, dtype=torch.float64).to(x.device)
+        flat = flat.double()  # per-row sums, not a matmul, whose rounding would depend on the batch's layout
+        proj = torch.stack([(flat * d).sum(1) for d in self._dirs.t()], 1).cpu().numpy()
+        return [r.tobytes() + bytes(str(x.shape[1:]), "ascii") for r in proj]
+
+    def get(self, keys: list[bytes]) -> torch.Tensor | None:
+        """The batch's queries if every image's is held, else None."""
+        found = [self.rows.get(k) for k in keys]
+        return None if any(f is None for f in found) else torch.stack(found)
+
+    def put(self, keys: list[bytes], q: torch.Tensor) -> None:
+        for k, row in zip(keys, q):
+            if k not in self.rows and self.used + row.numel() * row.element_size() <= self.budget:
+                self.rows[k] = row.clone()
+                self.used += row.numel() * row.element_size()
+
+
 # ---- a method's prompt module ------------------------------------------------------------------------------
 
 class PromptModule(nn.Module):
@@ -225,9 +258,10 @@ class PromptModule(nn.Module):
     that DDP sees it; the method's `loss` adds it.
     """
 
-    def __init__(self, blocks: list[int]):
+    def __init__(self, blocks: list[int], memo_mb: float = 256):
         super().__init__()
         self.blocks = sorted(blocks)
+        self._memo = QueryMemo(memo_mb)
         self.task = -1
         self.learning = False
         self.aux_loss: torch.Tensor | None = None
@@ -246,11 +280,24 @@ class PromptModule(nn.Module):
         """The parameters the current task trains."""
         raise NotImplementedError
 
-    @torch.no_grad()
     def query(self, backbone, x: torch.Tensor) -> torch.Tensor:
-        """q(x): the frozen pretrained model's features (final-norm CLS; CLIP: image embedding)."""
-        with lora_inactive(backbone):
-            return backbone.features(x).float()
+        """q(x): the frozen pretrained model's features (final-norm CLS; CLIP: image embedding).
+
+        q is a pure function of x when the backbone is in eval mode, so outside training (no autograd, eval
+        mode: evaluation, retention, NCM) it is memoised per image, keyed by the image's content (`_memo`):
+        the test views of a task's images are the same at every evaluation, and each later evaluation then
+        runs the backbone once per batch instead of twice. Training batches are augmented and never memoised."""
+        memo = None if torch.is_grad_enabled() or backbone.training else self._memo
+        if memo is not None:
+            keys = memo.keys_of(x)
+            q = memo.get(keys)
+            if q is not None:
+                return q
+        with torch.no_grad(), lora_inactive(backbone):
+            q = backbone.features(x).float()
+        if memo is not None:
+            memo.put(keys, q)
+        return q
 
     def features(self, backbone, x: torch.Tensor) -> torch.Tensor:
         self.aux_loss = None
