@@ -56,6 +56,7 @@ def load_run_model(run_dir: Path, device: str = "cpu"):
     from .data.loader import derive_seed
     from .methods import get_method
     from .methods.base import Method
+    from .models.branches import Magnitudes
     from .models.model import build_model
 
     run_dir = Path(run_dir)
@@ -80,15 +81,20 @@ def load_run_model(run_dir: Path, device: str = "cpu"):
     # so a backbone without pretrained weights (tests, smoke runs) must come out of the same random draw
     torch.manual_seed(derive_seed(cfg.seed, "build"))
     model = build_model(cfg, torch.device("cpu"))
+    # modules a method registers with the model (prompts, ...): only SD-LoRA's magnitudes, whose whole effect
+    # is in the branches' merged weights, can go into a plain model
+    owned = {k.split(".")[1] for k in state["model"] if k.startswith("owned.")} | set(state["structure"].get("owned", {}))
+    for name in sorted(owned):
+        sub = state["structure"].get("owned", {}).get(name, {})
+        if sub.get("kind") != Magnitudes.kind:
+            raise LoraclError(f"method '{method}' adds a module of its own ('{name}') to the model; loracl cannot "
+                              f"export it as a plain timm / open_clip model")
+        model.own(name, Magnitudes(sub["n"]))
     model.rebuild(state["structure"])
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
     if unexpected:
         raise LoraclError(f"checkpoint {ckpt} does not fit the model of {run_dir / 'config.yaml'} "
                           f"(unexpected keys {unexpected[:3]})")
-    owned = getattr(model, "owned", {})  # modules a method registers with the model (prompts, ...)
-    if len(owned):
-        raise LoraclError(f"method '{method}' adds modules of its own ({', '.join(owned)}) to the model; "
-                          f"loracl cannot export it as a plain timm / open_clip model")
     if model.adapter is not None:
         model.adapter.merge_all()
     ids, names = class_table(results)

@@ -499,6 +499,31 @@ print(json.dumps([[[meta["classes"][i], v] for i, v in zip(ii, vv)] for ii, vv i
     assert acc == pytest.approx(r["metrics"]["final_acc"], abs=1e-6)
 
 
+
+def test_export_of_sd_lora_merges_its_shared_magnitudes(folder, tmp_path, capsys):
+    """SD-LoRA's magnitudes are an owned module, but all of their effect is in the merged weights: the export
+    predicts the run's test images with the run's final accuracy."""
+    out = tmp_path / "sd"
+    argv = ["run", "--preset", "cifar100-mini", "--method", "sd-lora", "--out", str(out)]
+    for s in tiny_sets(folder):
+        argv += ["--set", s]
+    assert main(argv) == 0
+    assert main(["export", str(out), "--out", str(tmp_path / "export")]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(out), str(folder / "test"), "--top-k", "1", "--format", "json"]) == 0
+    rows = [(os.path.basename(os.path.dirname(x["path"])), x["top"][0]["class"]) for x in json.loads(capsys.readouterr().out)]
+    acc = 100 * sum(a == b for a, b in rows) / len(rows)
+    assert acc == pytest.approx(json.loads((out / "results.json").read_text())["metrics"]["final_acc"], abs=1e-6)
+
+
+def test_export_refuses_a_prompt_method_in_one_line(folder, tmp_path, capsys):
+    out = tmp_path / "dp"
+    argv = ["run", "--preset", "cifar100-mini", "--method", "dualprompt", "--out", str(out)]
+    for s in tiny_sets(folder):
+        argv += ["--set", s]
+    assert main(argv) == 0
+    one_line(*cli(capsys, "export", out), "dualprompt", "'prompts'", "plain timm")
+
 def r_root(run_dir):
     import yaml
 

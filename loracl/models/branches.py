@@ -127,14 +127,18 @@ def branch_from_spec(sp: dict, shared=None) -> nn.Module:
 
 
 class Magnitudes(nn.Module):
-    """One magnitude per task, shared by every layer's directions: `alpha[k]` scales task k's direction."""
+    """One magnitude per task, shared by every layer's directions: `alpha[k]` scales task k's direction.
+    Its whole effect is in the branches' delta weights, so a model whose branches are merged no longer needs it
+    (`loracl export` rebuilds it from its structure alone, merges and drops it)."""
+
+    kind = "magnitudes"
 
     def __init__(self, n: int, init: float = 1.0):
         super().__init__()
         self.alpha = nn.Parameter(torch.full((n,), float(init)))
 
     def structure(self) -> dict:
-        return {"n": self.alpha.numel()}
+        return {"kind": self.kind, "n": self.alpha.numel()}
 
     def rebuild(self, structure: dict) -> None:
         if structure["n"] != self.alpha.numel():
