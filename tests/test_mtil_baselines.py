@@ -59,3 +59,18 @@ def test_both_encoders_learn(tmp_path, method, extra):
     assert res["metrics"]["transfer"] is not None
     if method == "seq-lora":
         assert {s.encoder for s in r.model.adapter.sites} == {"image", "text"}
+
+
+@pytest.mark.parametrize("method", ["ncm", "sd-lora", "o-lora"])
+def test_lora_comparison_rows_run_on_clip(tmp_path, method):
+    """The issue-13 rows on CLIP's text head: each runs and gives Transfer; NCM has no prototype for a dataset
+    before its task, so until then the text head scores it (its Transfer is the zero-shot one), and after its
+    task the prototypes do."""
+    res = _run(tmp_path, method, **{"train.epochs": 1, "train.max_steps_per_epoch": 2}).run()
+    assert res["status"] == "complete" and res["metrics"]["transfer"] is not None
+    if method == "ncm":
+        zs = _run(tmp_path / "zs", "zeroshot").run()
+        assert res["acc_before"] == zs["acc_before"]
+        n = len(res["acc_matrix"])
+        assert all(res["acc_matrix"][j][i] == zs["acc_before"][i] for j in range(n) for i in range(j + 1, n))
+        assert res["acc_matrix"][0][0] != zs["acc_before"][0]  # the first dataset, by its prototypes

@@ -69,8 +69,19 @@ class NCM(Method):
         return self._device_protos
 
     def logits(self, x, class_ids):
+        """Cosine to the prototypes. Classes without one yet score -inf; when none of `class_ids` has one (CLIP's
+        text head knows every dataset's classes before its task), the model's own head scores them: the
+        zero-shot row, which MTIL's Transfer measures."""
         ids, protos = self.prototypes()
-        return ncm_logits(self.model.features(x), protos[self.run.columns(class_ids, ids)])
+        known = torch.isin(class_ids, ids)
+        if not known.any():
+            return super().logits(x, class_ids)
+        if known.all():
+            return ncm_logits(self.model.features(x), protos[self.run.columns(class_ids, ids)])
+        out = ncm_logits(self.model.features(x), protos[self.run.columns(class_ids[known], ids)])
+        full = out.new_full((len(out), len(class_ids)), float("-inf"))
+        full[:, known] = out
+        return full
 
     def state_dict(self):
         return {"ids": self.ids, "sums": self.sums, "counts": self.counts}
