@@ -46,23 +46,31 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _time_steps(run, task, batch, params, steps: int, warmup: int) -> float:
-    """Median seconds of one training step (forward, backward, Adam step) on a fixed batch."""
-    method = run.method
-    opt = torch.optim.Adam(params, lr=1e-4)
+def _median_seconds(run, fn, steps: int, warmup: int) -> float:
+    """Median seconds of fn() over `steps` calls after `warmup` untimed ones (CUDA synchronised around each)."""
     times = []
     for i in range(warmup + steps):
         _sync(run.device)
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with run.services.amp_context():
-            loss = method.loss(batch, task)
-        loss.backward()
-        opt.step()
+        fn()
         _sync(run.device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def _time_steps(run, task, batch, params, steps: int, warmup: int) -> float:
+    """Median seconds of one training step (forward, backward, Adam step) on a fixed batch."""
+    opt = torch.optim.Adam(params, lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with run.services.amp_context():
+            loss = run.method.loss(batch, task)
+        loss.backward()
+        opt.step()
+
+    return _median_seconds(run, step, steps, warmup)
 
 
 def _trainable(run, task, ups) -> list:
@@ -323,25 +331,14 @@ def method_steps(run, tasks: int, images: int, steps: int, warmup: int) -> dict:
     return out
 
 
-def _median_seconds(run, fn, steps: int, warmup: int) -> float:
-    times = []
-    for i in range(warmup + steps):
-        _sync(run.device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(run.device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def query_cost(run, x, steps: int, warmup: int) -> dict:
     """A prompt method's query forward (the frozen model without prompts) alone, as every training step runs
     it, and an evaluation batch (query + prompted forward) with the query computed and with it held by the
     query memo (every evaluation after a task's first)."""
     from .models.prompts import QueryMemo
 
-    prompts, backbone, ids = run.model.prompts, run.model.backbone, run.services.train_classes(run.trainer.current_task)
+    prompts, backbone = run.model.prompts, run.model.backbone
+    ids = run.services.train_classes(run.trainer.current_task)
     memo = prompts._memo
     run.model.eval()
     with torch.no_grad(), run.services.amp_context():

@@ -83,9 +83,10 @@ def load_run_model(run_dir: Path, device: str = "cpu"):
     model = build_model(cfg, torch.device("cpu"))
     # modules a method registers with the model (prompts, ...): only SD-LoRA's magnitudes, whose whole effect
     # is in the branches' merged weights, can go into a plain model
-    owned = {k.split(".")[1] for k in state["model"] if k.startswith("owned.")} | set(state["structure"].get("owned", {}))
+    structures = state["structure"].get("owned", {})
+    owned = {k.split(".")[1] for k in state["model"] if k.startswith("owned.")} | set(structures)
     for name in sorted(owned):
-        sub = state["structure"].get("owned", {}).get(name, {})
+        sub = structures.get(name, {})
         if sub.get("kind") != Magnitudes.kind:
             raise LoraclError(f"method '{method}' adds a module of its own ('{name}') to the model; loracl cannot "
                               f"export it as a plain timm / open_clip model")
