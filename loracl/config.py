@@ -291,7 +291,7 @@ def default_roots() -> dict[str, Path | None]:
     """Where data, weights and the embedded demo bundle are looked for when the config does not say."""
     def first(env: str, *candidates: Path) -> Path | None:
         if os.environ.get(env):
-            return Path(os.environ[env]).expanduser()
+            return Path(os.environ[env]).expanduser().absolute()
         for c in candidates:
             if c.exists():
                 return c.resolve()
@@ -309,7 +309,7 @@ def resolve_roots(doc: dict) -> dict:
     roots = default_roots()
     for key in ("data_root", "weights_root"):
         if doc.get(key):
-            roots[key] = Path(str(doc[key])).expanduser()
+            roots[key] = Path(str(doc[key])).expanduser().absolute()  # the saved config works from any folder
         doc[key] = str(roots[key]) if roots[key] is not None else None
 
     def sub(x):

@@ -99,3 +99,16 @@ def test_unset_root_placeholder_is_explained(tmp_path, monkeypatch):
     doc["benchmark"]["datasets"][0]["root"] = "{data_root}/cifar100"
     with pytest.raises(ConfigError, match="LORACL_DATA_ROOT"):
         load_config(_write(tmp_path, doc))
+
+
+def test_relative_roots_are_saved_absolute(tmp_path, monkeypatch):
+    """A run started with --set data_root=../x saves absolute paths: export and predict work from any folder."""
+    from pathlib import Path
+
+    from loracl.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(preset="cifar100-mini", sets=["data_root=rel/data", "weights_root=../w"])
+    assert Path(cfg.data_root) == tmp_path / "rel" / "data"
+    assert Path(cfg.benchmark.datasets[0].root) == tmp_path / "rel" / "data" / "cifar100"
+    assert Path(cfg.backbone.file).is_absolute()
