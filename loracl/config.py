@@ -104,7 +104,7 @@ class OptimizerConfig(Strict):
 
 
 class ScheduleConfig(Strict):
-    name: Literal["constant", "cosine", "inflora-cosine", "onecycle", "step"] = "constant"
+    name: Literal["constant", "cosine", "cosine-epoch", "inflora-cosine", "onecycle", "step"] = "constant"
     milestones: list[int] = Field(default_factory=list, description="step schedule: epochs")
     gamma: float = 0.1
     warmup_epochs: float = 0.0

@@ -194,6 +194,25 @@ def test_inflora_ca_switches_alignment_on_unless_the_config_says_otherwise():
     assert load_config(preset="cifar100-mini", method="seq-lora", sets=["align.enabled=true"]).align.enabled
     c = load_config(preset="inflora-ca-cifar100")
     assert (c.method["name"], c.method["rank"], c.align.enabled, c.align.logit_norm) == ("inflora-ca", 5, True, False)
-    assert (c.train.optimizer.name, c.train.optimizer.lr, c.train.schedule.name) == ("sgd", 0.001, "cosine")
+    assert (c.train.optimizer.name, c.train.optimizer.lr, c.train.schedule.name) == ("sgd", 0.001, "cosine-epoch")
     c = load_config(preset="inflora-ca-imagenet-r-10")
     assert (c.method["rank"], c.method["eps"], c.align.logit_norm, c.train.epochs) == (10, 0.95, True, 50)
+
+
+def test_cosine_epoch_is_torchs_cosine_annealing_stepped_per_epoch():
+    """InfLoRA_CA's CosineAnnealingLR(T_max=E), stepped once per epoch: constant within an epoch."""
+    from loracl.config import ScheduleConfig
+    from loracl.engine.trainer import build_schedule
+
+    epochs, steps = 4, 3
+    ours = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = build_schedule(ours, ScheduleConfig(name="cosine-epoch"), epochs, steps)
+    ref = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ref_sched = torch.optim.lr_scheduler.CosineAnnealingLR(ref, T_max=epochs)
+    for e in range(epochs):
+        for _ in range(steps):
+            assert ours.param_groups[0]["lr"] == pytest.approx(ref.param_groups[0]["lr"], rel=1e-12)
+            ours.step()
+            sched.step()
+        ref.step()
+        ref_sched.step()

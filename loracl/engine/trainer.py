@@ -53,7 +53,9 @@ def build_optimizer(groups: dict[str, list], cfg: OptimizerConfig) -> torch.opti
 
 
 def build_schedule(opt, cfg: ScheduleConfig, epochs: int, steps_per_epoch: int):
-    """A per-step scheduler. `inflora-cosine` is the official per-epoch rule lr_e = lr0 cos(99 pi e / (200 (E-1)))."""
+    """A per-step scheduler. `cosine` anneals every step; `cosine-epoch` is torch's CosineAnnealingLR(T_max=E)
+    stepped once per epoch, lr_e = lr0 (1 + cos(pi e / E)) / 2 (InfLoRA_CA's code); `inflora-cosine` is the
+    official InfLoRA per-epoch rule lr_e = lr0 cos(99 pi e / (200 (E-1)))."""
     total = max(epochs * steps_per_epoch, 1)
     warm = int(cfg.warmup_epochs * steps_per_epoch)
     if cfg.name == "onecycle":
@@ -67,6 +69,8 @@ def build_schedule(opt, cfg: ScheduleConfig, epochs: int, steps_per_epoch: int):
             return 1.0
         if cfg.name == "cosine":
             return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(total - warm, 1)))
+        if cfg.name == "cosine-epoch":
+            return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
         if cfg.name == "inflora-cosine":
             return 1.0 if epochs <= 1 else math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
         if cfg.name == "step":
