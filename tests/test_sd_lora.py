@@ -59,6 +59,35 @@ def test_fused_dense_sum_equals_low_rank_sum_and_caches_without_grad():
     torch.testing.assert_close(dense, low_rank, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_the_path_chosen_while_training_is_the_one_with_fewer_counted_flops(input_grad):
+    """For every stacked rank around the crossing, the training step (forward and backward, as PyTorch's FLOP
+    counter counts it) of the chosen path costs no more than the other path's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(3)
+    d_in, d_out, T = 32, 24, 64
+
+    def step_flops(fd, low_rank: bool):
+        fd.low_rank_cheaper = lambda training, grad, tokens: low_rank
+        x = torch.randn(T, d_in, generator=g).requires_grad_(input_grad)
+        with FlopCounterMode(display=False) as fc:
+            fd(x).sum().backward()
+        return fc.get_total_flops()
+
+    seen = set()
+    for R in range(2, 40, 2):
+        mags = Magnitudes(R, 1.0)
+        fd = FrozenDirections(d_in, d_out, mags, "m")
+        for k, (down, up) in enumerate(_dirs(g, R // 2, r=2, d_in=d_in, d_out=d_out)):
+            fd.add(down, up, k, "factors")
+        chosen = FrozenDirections.low_rank_cheaper(fd, True, input_grad, T)
+        low, dense = step_flops(fd, True), step_flops(fd, False)
+        assert (low if chosen else dense) == min(low, dense), (R, chosen, low, dense)
+        seen.add(chosen)
+    assert seen == {True, False}  # the range crosses over
+
 def test_gradients_reach_every_magnitude_but_not_frozen_factors():
     g = torch.Generator().manual_seed(2)
     mags = Magnitudes(3, 0.8)

@@ -204,9 +204,11 @@ class ScaledBranch(nn.Module):
 @branch_kind
 class FrozenDirections(nn.Module):
     """Every earlier task's direction of one weight, frozen and normalised, each scaled by its task's shared
-    magnitude: sum_k alpha[task_k] up_k @ down_k / norm_k, held as one stacked factor pair. Its forward costs
-    min((d_in + d_out) R, d_in d_out) per token for R stacked ranks, so the cost stops growing with the task
-    count once the dense sum is cheaper; without gradients the dense sum is kept until a magnitude changes."""
+    magnitude: sum_k alpha[task_k] up_k @ down_k / norm_k, held as one stacked factor pair. Its forward runs low
+    rank ((d_in + d_out) R per token for R stacked ranks) or as the dense sum (d_in d_out), whichever costs less
+    (`low_rank_cheaper`, which counts the backward while the magnitudes train), so the cost stops growing with
+    the task count once the dense sum is cheaper; without gradients the dense sum is kept until a magnitude
+    changes."""
 
     kind = "frozen-directions"
 
@@ -245,12 +247,26 @@ class FrozenDirections(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return (self.up * self.coefficients()) @ self.down
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def low_rank_cheaper(self, training: bool, input_grad: bool, tokens: int) -> bool:
+        """Multiply-adds per token: low rank R (d_in + d_out) against the dense d_in d_out. While the magnitudes
+        train, the low-rank path adds the gradient through `up` (R d_out) and the dense path the weight's
+        gradient (d_in d_out) and the dense sum's forming and its backward (2 R d_in d_out per batch of
+        `tokens`); both add the input's gradient if it is wanted."""
         d_out, d_in, R = self.up.shape[0], self.down.shape[1], self.down.shape[0]
-        if R * (d_in + d_out) <= d_in * d_out:  # low rank is cheaper per token
-            return F.linear(F.linear(x, self.down) * self.coefficients().to(x.dtype), self.up)
+        low, dense = R * (d_in + d_out), d_in * d_out
+        if not training:
+            return low <= dense
+        low, dense = low + R * d_out, 2 * dense + 2 * R * d_in * d_out / max(tokens, 1)
+        if input_grad:
+            low, dense = low + R * d_in, dense + d_in * d_out
+        return low <= dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.magnitudes.alpha
-        if torch.is_grad_enabled() and alpha.requires_grad:
+        training = torch.is_grad_enabled() and alpha.requires_grad
+        if self.low_rank_cheaper(training, training and x.requires_grad, x.numel() // max(x.shape[-1], 1)):
+            return F.linear(F.linear(x, self.down) * self.coefficients().to(x.dtype), self.up)
+        if training:
             return F.linear(x, self.delta_weight().to(x.dtype))
         if self._cache is None or self._cache[0] != alpha._version or self._cache[1].device != x.device:
             self._cache = (alpha._version, self.delta_weight().detach())
