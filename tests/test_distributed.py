@@ -50,8 +50,14 @@ CASES = {
     # others map it), augmentation parameters drawn for the global batch, replay samples from decoded copies
     "er-tensor": ("er", [SMALL, "data.pipeline=tensor", "data.cache_dir=@OUT@/decoded"] + SGD, None),
     # prompts owned by the model; L2P's official key loss sums over the whole batch, across the processes' shares
-    # (DualPrompt and CODA-Prompt were checked the same way once: equal within 1e-6; left out to keep this short)
     "l2p": ("l2p", [SMALL], 2 + 4),  # keys and block 0's pool, two head chunks
+    # DualPrompt's batch-summed key loss over the E-blocks; CODA-Prompt's frozen earlier components
+    "dualprompt": ("dualprompt", [SMALL], None),
+    "coda-prompt": ("coda-prompt", [SMALL], None),
+    # SD-LoRA's magnitudes: one owned parameter shared by every layer, averaged by DDP like the branches. Under
+    # Adam two processes drift from one (0.2% relative in a task-0 `up` after 3 steps, 3% in one task-1 entry);
+    # under SGD they agree, so the gradients do: Adam's normalisation amplifies their round-off
+    "sd-lora": ("sd-lora", [SMALL] + SGD, None),
 }
 
 
