@@ -76,9 +76,9 @@ class NCM(Method):
         known = torch.isin(class_ids, ids)
         if not known.any():
             return super().logits(x, class_ids)
-        if known.all():
-            return ncm_logits(self.model.features(x), protos[self.run.columns(class_ids, ids)])
         out = ncm_logits(self.model.features(x), protos[self.run.columns(class_ids[known], ids)])
+        if known.all():
+            return out
         full = out.new_full((len(out), len(class_ids)), float("-inf"))
         full[:, known] = out
         return full
