@@ -233,7 +233,8 @@ class QueryMemo:
             self._dirs = torch.randn(flat.shape[1], 4, generator=g, dtype=torch.float64).to(x.device)
         flat = flat.double()  # per-row sums, not a matmul, whose rounding would depend on the batch's layout
         proj = torch.stack([(flat * d).sum(1) for d in self._dirs.t()], 1).cpu().numpy()
-        return [r.tobytes() + bytes(str(x.shape[1:]), "ascii") for r in proj]
+        shape = str(tuple(x.shape[1:])).encode()
+        return [r.tobytes() + shape for r in proj]
 
     def get(self, keys: list[bytes]) -> torch.Tensor | None:
         """The batch's queries if every image's is held, else None."""
