@@ -14,6 +14,9 @@ Sections (each returns a plain dict, `render` prints them; new sections plug int
   naive reference written as the original code bases train (fp32, PIL DataLoader, every branch summed dense,
   evaluation at the training batch size), both calling the method's own `loss`; their ratio; peak memory.
 
+- `tasks` (`bench_tasks.py`, not in the default): the method's own step at every task count and, for a prompt
+  method, the query's cost.
+
 `--json` writes the flat figures of `summary` and the machine. Without the preset's data the bench times
 random images (`loracl.data.synthetic`). See docs/performance.md.
 """
@@ -311,51 +314,6 @@ def throughput(run, task, train_images, test_images, tasks: int, rank: int | Non
     return out
 
 
-def method_steps(run, tasks: int, images: int, steps: int, warmup: int) -> dict:
-    """The method itself through `tasks` tasks, each its begin_task, `steps` timed training steps on one batch
-    and end_task: median seconds per step at every task, with whatever the method keeps from earlier tasks
-    (SD-LoRA's frozen directions and magnitudes, O-LoRA's live branches, prompt pools)."""
-    seconds = []
-    for task in run.scenario.tasks[:tasks]:
-        task = dataclasses.replace(task, train=_first(task.train, images))
-        run.trainer.current_task = task
-        run.method.begin_task(task)
-        params = [p for ps in run.method.param_groups(task).values() for p in ps if p.requires_grad]
-        batch = Batch(*next(iter(run.data.batches(task.train, train=True, seed_parts=("bench", task.index)))))
-        run.model.train(run.cfg.train.model_mode == "train")
-        seconds.append(_time_steps(run, task, batch, params, steps, warmup))
-        run.method.end_task(task)
-    out = {"tasks": list(range(1, len(seconds) + 1)), "seconds": seconds, "batch_size": len(batch.y)}
-    if getattr(run.model, "prompts", None) is not None:
-        out["query"] = query_cost(run, batch.x, steps, warmup)
-    return out
-
-
-def query_cost(run, x, steps: int, warmup: int) -> dict:
-    """A prompt method's query forward (the frozen model without prompts) alone, as every training step runs
-    it, and an evaluation batch (query + prompted forward) with the query computed and with it held by the
-    query memo (every evaluation after a task's first)."""
-    from .models.prompts import QueryMemo
-
-    prompts, backbone = run.model.prompts, run.model.backbone
-    ids = run.services.train_classes(run.trainer.current_task)
-    memo = prompts._memo
-    run.model.eval()
-    with torch.no_grad(), run.services.amp_context():
-        backbone.train(run.cfg.train.model_mode == "train")
-        query = _median_seconds(run, lambda: prompts.query(backbone, x), steps, warmup)
-        backbone.eval()
-
-        def cold():
-            prompts._memo = QueryMemo(0)
-            run.method.logits(x, ids)
-
-        computed = _median_seconds(run, cold, steps, warmup)
-        prompts._memo = memo
-        held = _median_seconds(run, lambda: run.method.logits(x, ids), steps, warmup)
-    return {"query_seconds": query, "eval_batch_seconds": computed, "eval_batch_seconds_memo": held}
-
-
 SECTIONS = ("stats", "steps", "throughput", "tasks")
 DEFAULT_SECTIONS = ("stats", "steps", "throughput")
 
@@ -401,6 +359,7 @@ def _first(images, n: int):
 
 
 def run_bench(args) -> dict:
+    from . import bench_tasks
     from .train import Runner
 
     cfg = _config(args)
@@ -431,7 +390,7 @@ def run_bench(args) -> dict:
             run = Runner(cfg, Path(tmp), progress=False, log=lambda *a, **k: None, scenario=scenario,
                          meter=ImageCount())
             run.method.setup()
-            res["tasks"] = method_steps(run, max(args.tasks), args.images, args.steps, args.warmup)
+            res["tasks"] = bench_tasks.method_steps(run, max(args.tasks), args.images, args.steps, args.warmup)
     res["machine"] = machine_info()
     res["summary"] = summary(res)
     return res

@@ -170,8 +170,13 @@ def test_query_memo_reuses_test_queries_and_never_training_ones(tiny_vit):
         m.query(bb, x)  # training mode (dropout, augmentation): never from the memo
         assert bb.calls == 3
         bb.eval()
+        with m.memo_suspended():  # a cold evaluation: computed, and not kept
+            assert torch.equal(m.query(bb, x), q) and bb.calls == 4
+            m.query(bb, x)
+            assert bb.calls == 5
+        assert torch.equal(m.query(bb, x), q) and bb.calls == 5  # the entries held before are still there
     m.query(bb, x)  # autograd on: a training step
-    assert bb.calls == 4
+    assert bb.calls == 6
 
 
 def test_coda_new_components_orthonormal_and_earlier_frozen():

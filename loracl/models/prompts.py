@@ -300,6 +300,16 @@ class PromptModule(nn.Module):
             memo.put(keys, q)
         return q
 
+    @contextlib.contextmanager
+    def memo_suspended(self):
+        """Compute every query inside the block, as a first evaluation does (the bench's cold side); the
+        memo's entries are kept for after it."""
+        memo, self._memo = self._memo, QueryMemo(0)
+        try:
+            yield
+        finally:
+            self._memo = memo
+
     def features(self, backbone, x: torch.Tensor) -> torch.Tensor:
         self.aux_loss = None
         if self.task < 0:
