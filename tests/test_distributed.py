@@ -55,8 +55,11 @@ CASES = {
     "dualprompt": ("dualprompt", [SMALL], None),
     "coda-prompt": ("coda-prompt", [SMALL], None),
     # SD-LoRA's magnitudes: one owned parameter shared by every layer, averaged by DDP like the branches. Under
-    # Adam two processes drift from one (0.2% relative in a task-0 `up` after 3 steps, 3% in one task-1 entry);
-    # under SGD they agree, so the gradients do: Adam's normalisation amplifies their round-off
+    # Adam two processes drift from one (past the tolerance: 3% in one task-1 entry); under SGD they agree.
+    # Full-batch gradients against the mean of two halves, 3 Adam steps in one process: the largest parameter
+    # differences (1e-6) sit in `down` entries whose second-step gradient is 1e-9..1e-8, Adam's eps, with 1-2%
+    # round-off between the two sums (`down` gets none while `up` is 0, then one through an `up` of size lr);
+    # Adam's update there is about lr * g / eps and carries the round-off
     "sd-lora": ("sd-lora", [SMALL] + SGD, None),
 }
 
