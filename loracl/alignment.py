@@ -14,7 +14,9 @@ After every task, with the model as it is then:
        temperature (the official code on every dataset but CIFAR-100)
 
 The draws come from a generator seeded by (run seed, task), so a resumed run aligns exactly as an uninterrupted
-one; the statistics are plain tensors in `state_dict()`. The same class statistics serve NCM (methods/ncm.py).
+one; the statistics are plain tensors in `state_dict()`, each covariance as its packed lower triangle: the
+Cholesky factor reads nothing else, and a checkpoint holds half the bytes (ViT-B/16 after 100 classes: 236 MiB
+instead of 472). The same class statistics serve NCM (methods/ncm.py).
 """
 
 from __future__ import annotations
@@ -31,6 +33,21 @@ from .models.heads import LinearHead
 from .stats import ClassStatistics
 
 COV_RIDGE = 1e-4  # added to every class covariance (official code), so that its Cholesky factor exists
+
+
+def pack_lower(covs: torch.Tensor) -> torch.Tensor:
+    """C x d x d -> C x d(d+1)/2: the lower triangles, row by row."""
+    i, j = torch.tril_indices(covs.shape[-1], covs.shape[-1])
+    return covs[:, i, j]
+
+
+def unpack_lower(packed: torch.Tensor, d: int) -> torch.Tensor:
+    """The symmetric C x d x d matrices whose lower triangles `pack_lower` gave."""
+    i, j = torch.tril_indices(d, d)
+    out = packed.new_zeros(len(packed), d, d)
+    out[:, i, j] = packed
+    out[:, j, i] = packed
+    return out
 
 
 def class_feature_statistics(run, model, images, class_ids, desc: str, covariance: bool = True) -> ClassStatistics:
@@ -97,7 +114,10 @@ class ClassifierAlignment:
             self.ids = torch.cat([self.ids, torch.tensor(new, dtype=torch.long)])
             self.task_of = torch.cat([self.task_of, torch.full((len(new),), task.index, dtype=torch.long)])
             self.means = torch.cat([self.means, s.means.cpu()])
-            self.covs = torch.cat([self.covs, (s.covs + COV_RIDGE * eye).cpu()])
+            # the lower triangle mirrored (the sums round the two triangles differently): what a checkpoint
+            # restores, so a resumed run holds the same matrices as an uninterrupted one
+            covs = (s.covs + COV_RIDGE * eye).cpu()
+            self.covs = torch.cat([self.covs, unpack_lower(pack_lower(covs), covs.shape[-1])])
         if len(set(self.task_of.tolist())) > 1 and self.cfg.epochs > 0:
             with self.run.timed("align"):
                 self.align(task.index)
@@ -141,8 +161,13 @@ class ClassifierAlignment:
                      f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
 
     def state_dict(self) -> dict:
-        return {"ids": self.ids, "task_of": self.task_of, "means": self.means, "covs": self.covs}
+        return {"ids": self.ids, "task_of": self.task_of, "means": self.means, "covs_lower": pack_lower(self.covs)}
 
     def load_state_dict(self, state: dict) -> None:
         self.ids, self.task_of = state["ids"].long().cpu(), state["task_of"].long().cpu()
-        self.means, self.covs = state["means"].double().cpu(), state["covs"].double().cpu()
+        self.means = state["means"].double().cpu()
+        if "covs" in state:  # checkpoints written before the packed form
+            covs = state["covs"].double().cpu()
+            self.covs = unpack_lower(pack_lower(covs), covs.shape[-1])
+        else:
+            self.covs = unpack_lower(state["covs_lower"].double().cpu(), self.means.shape[-1])

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from loracl.alignment import (ClassifierAlignment, normalised_logits, sample_features, shrink_factors)
+from loracl.alignment import (ClassifierAlignment, normalised_logits, pack_lower, sample_features, shrink_factors,
+                              unpack_lower)
 from loracl.config import AlignConfig
 from loracl.errors import ConfigError
 from loracl.methods.base import Batch
@@ -167,6 +168,32 @@ def test_alignment_resumes_exactly_from_its_state(one_thread):
     c.load_state_dict(saved_state)
     c.end_task(tasks[1])
     assert not torch.equal(c.model.head.chunks[0].weight, head.chunks[0].weight)
+
+
+def test_covariances_are_stored_as_lower_triangles_with_the_same_cholesky_factors(one_thread):
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(3, 6, 6, generator=g, dtype=torch.float64)
+    covs = A @ A.transpose(1, 2) + 0.1 * torch.eye(6, dtype=torch.float64)
+    covs = covs + torch.triu(1e-9 * torch.randn(3, 6, 6, generator=g, dtype=torch.float64), 1)  # unequal triangles
+    packed = pack_lower(covs)
+    assert packed.shape == (3, 21)
+    sym = unpack_lower(packed, 6)
+    assert torch.equal(sym, sym.transpose(1, 2)) and torch.equal(torch.tril(sym), torch.tril(covs))
+    # the Cholesky factor reads the lower triangle only: the alignment draws are those of the unpacked matrices
+    assert torch.equal(torch.linalg.cholesky(sym), torch.linalg.cholesky(covs))
+
+    head, tasks, _ = two_task_problem()
+    a = ClassifierAlignment(AlignConfig(enabled=True), FakeRun(), FakeModel(8, head))
+    a.end_task(tasks[0])
+    state = a.state_dict()
+    assert "covs" not in state and state["covs_lower"].shape == (2, 36)  # 36 of 64 entries per class
+    b = ClassifierAlignment(AlignConfig(enabled=True), FakeRun(), FakeModel(8, copy.deepcopy(head)))
+    b.load_state_dict(state)
+    assert torch.equal(b.covs, a.covs)
+    # a checkpoint written before the packed form still loads, to the same matrices
+    c = ClassifierAlignment(AlignConfig(enabled=True), FakeRun(), FakeModel(8, copy.deepcopy(head)))
+    c.load_state_dict({k: v for k, v in state.items() if k != "covs_lower"} | {"covs": a.covs})
+    assert torch.equal(c.covs, a.covs)
 
 
 def test_alignment_refuses_the_clip_text_head():
