@@ -59,7 +59,6 @@ def test_fused_dense_sum_equals_low_rank_sum_and_caches_without_grad():
     torch.testing.assert_close(dense, low_rank, atol=1e-5, rtol=1e-5)
 
 
-
 @pytest.mark.parametrize("input_grad", [True, False])
 def test_the_path_chosen_while_training_is_the_one_with_fewer_counted_flops(input_grad):
     """For every stacked rank around the crossing, the training step (forward and backward, as PyTorch's FLOP
@@ -87,6 +86,7 @@ def test_the_path_chosen_while_training_is_the_one_with_fewer_counted_flops(inpu
         assert (low if chosen else dense) == min(low, dense), (R, chosen, low, dense)
         seen.add(chosen)
     assert seen == {True, False}  # the range crosses over
+
 
 def test_gradients_reach_every_magnitude_but_not_frozen_factors():
     g = torch.Generator().manual_seed(2)

@@ -18,9 +18,11 @@ import torch.nn.functional as F
 
 from loracl.checkpoint import load as load_checkpoint
 from loracl.config import load_config
+from loracl.methods.coda_prompt import component_weights
 from loracl.train import Runner
 
 
+@torch.no_grad()
 def main(run_dir: str, images: int = 200) -> None:
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml", sets=["eval.retention=null"])
@@ -31,11 +33,10 @@ def main(run_dir: str, images: int = 200) -> None:
         tasks = run.scenario.tasks
         run.model.eval()
         queries = []
-        with torch.no_grad():
-            for task in tasks:
-                n = min(images, len(task.test))
-                queries.append(torch.cat([prompts.query(backbone, x) for x, _, _ in
-                                          run.data.batches(task.test.subset(range(n)), train=False)]))
+        for task in tasks:
+            n = min(int(images), len(task.test))
+            queries.append(torch.cat([prompts.query(backbone, x) for x, _, _ in
+                                      run.data.batches(task.test.subset(range(n)), train=False)]))
         means = F.normalize(torch.stack([q.mean(0) for q in queries]), dim=1)
         names = [t.name for t in tasks]
         print("cosine between the datasets' mean queries:")
@@ -47,11 +48,10 @@ def main(run_dir: str, images: int = 200) -> None:
             print(f"after task {t} ({names[t]}): mean |alpha| of each task's components")
             for d in range(t + 1):
                 w = torch.zeros(t + 1)
-                with torch.no_grad():
-                    for c in prompts.components:
-                        _, K, A = c.upto(t)
-                        alpha = F.cosine_similarity(queries[d][:, None, :] * A[None], K[None], dim=-1).abs()
-                        w += alpha.view(len(alpha), t + 1, -1).mean((0, 2)) / len(prompts.components)
+                for c in prompts.components:
+                    _, K, A = c.upto(t)
+                    alpha = component_weights(queries[d], K, A).abs()
+                    w += alpha.view(len(alpha), t + 1, -1).mean((0, 2)) / len(prompts.components)
                 print(f"  {names[d]:14s}", " ".join(f"{float(v):.3f}" for v in w))
 
 

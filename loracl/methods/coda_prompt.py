@@ -46,6 +46,11 @@ def ortho_penalty(x: torch.Tensor) -> torch.Tensor:
     return ((x @ x.t() - torch.eye(len(x), device=x.device)) ** 2).mean()
 
 
+def component_weights(q: torch.Tensor, K: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """alpha (B x n): the cosine of each attended query q * A_i with its key K_i."""
+    return F.cosine_similarity(q[:, None, :] * A[None], K[None], dim=-1)
+
+
 class CodaComponents(nn.Module):
     """One block's components, keys and attention vectors: [task] -> (n, L, C), (n, d), (n, d)."""
 
@@ -69,8 +74,7 @@ class CodaComponents(nn.Module):
 
     def prompt(self, q: torch.Tensor, t: int) -> torch.Tensor:
         P, K, A = self.upto(t)
-        alpha = F.cosine_similarity(q[:, None, :] * A[None], K[None], dim=-1)  # B x n
-        return torch.einsum("bn,nlc->blc", alpha, P)
+        return torch.einsum("bn,nlc->blc", component_weights(q, K, A), P)
 
 
 class CodaPrompts(PromptModule):
