@@ -26,6 +26,8 @@ from loracl.train import Runner
 def main(run_dir: str, images: int = 200) -> None:
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml", sets=["eval.retention=null"])
+    if cfg.method_name != "coda-prompt":
+        sys.exit(f"{run_dir} is a '{cfg.method_name}' run; this script reads coda-prompt runs")
     with tempfile.TemporaryDirectory() as tmp:
         run = Runner(cfg, Path(tmp), progress=False, log=lambda *a, **k: None)
         run.method.setup()
