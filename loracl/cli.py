@@ -3,85 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
 
 from . import dist
 from .errors import LoraclError
+from .runs.lock import LOCK, run_lock  # noqa: F401  (LOCK: the lock file's name, for tools and tests)
 
 DEMO_METHODS = ["seq-lora", "inflora", "inflora-ca", "joint"]  # linear-probe too with --methods
 
 
 def default_out(cfg) -> Path:
     return Path("runs") / cfg.name / cfg.method_name / f"seed{cfg.seed}"
-
-
-LOCK = ".loracl.lock"
-
-
-def _lock_holder(path: Path) -> tuple[int, str] | None:
-    """(pid, host) written in a lock file, or None when it cannot be read (a run killed while writing it)."""
-    try:
-        pid, host = path.read_text().split()[:2]
-        return int(pid), host
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-@contextlib.contextmanager
-def run_lock(out: Path):
-    """One run per output folder: `out/.loracl.lock` holds the pid and host of the run writing there. A lock
-    whose process is gone (a run killed with -9, a node that rebooted) is taken over; under torchrun only
-    rank 0 holds it."""
-    if os.environ.get("RANK", "0") != "0":
-        yield
-        return
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LoraclError(f"cannot create the output folder {out}: {e.strerror or e}") from None
-    path, me = out / LOCK, f"{os.getpid()} {socket.gethostname()}\n"
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(path)
-            if holder is not None and (holder[1] != socket.gethostname() or _alive(holder[0])):
-                where = "" if holder[1] == socket.gethostname() else f" on host {holder[1]}"
-                raise LoraclError(f"{out} is in use by another loracl run (pid {holder[0]}{where}, lock file "
-                                  f"{path}); wait for it, or use another --out. If that run is gone, delete "
-                                  f"the lock file") from None
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()  # the holder is dead on this host: take the lock over
-            continue
-        except OSError as e:
-            raise LoraclError(f"cannot write to the output folder {out}: {e.strerror or e}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        break
-    else:
-        raise LoraclError(f"could not take the lock {path}: another run keeps taking it")
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            if path.read_text() == me:
-                path.unlink()
 
 
 def _differing(a, b, prefix: str = "") -> list[str]:
@@ -93,8 +29,8 @@ def _differing(a, b, prefix: str = "") -> list[str]:
 
 
 def cmd_run(args) -> int:
-    from .config import load_config
-    from .train import Runner
+    from .runs.assembly import load_config
+    from .runs.runner import Runner
 
     if args.resume and args.out and (Path(args.out) / "config.yaml").exists() and not (args.config or args.preset):
         cfg = load_config(Path(args.out) / "config.yaml", sets=args.set or [])
@@ -139,8 +75,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_list(args) -> int:
-    from .config import list_presets
     from .methods import list_methods
+    from .runs.assembly import list_presets
 
     print("presets:")
     for name, desc in list_presets().items():
@@ -152,7 +88,7 @@ def cmd_list(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare
+    from .results.compare import compare
 
     text = compare([Path(d) for d in args.dirs], out=Path(args.out) if args.out else None, ref=args.ref)
     print(text)
@@ -160,7 +96,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import write_report
+    from .results.report import write_report
 
     path = write_report(Path(args.dir))
     print(f"wrote {path}")
@@ -168,7 +104,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from .runs.export import export
 
     out = export(Path(args.dir), Path(args.out) if args.out else None)
     print(f"wrote {out} (model.json and the weights)")
@@ -176,7 +112,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .export import predict, write_predictions
+    from .runs.export import predict, write_predictions
 
     rows = predict(Path(args.dir), args.paths, top_k=args.top_k, batch_size=args.batch_size, device=args.device,
                    workers=args.workers)
@@ -188,10 +124,10 @@ def cmd_predict(args) -> int:
 
 def cmd_demo(args) -> int:
     """The embedded demo: several methods on the bundled benchmark, then the comparison table."""
-    from .compare import compare
-    from .config import load_config
     from .methods import list_methods
-    from .train import Runner
+    from .results.compare import compare
+    from .runs.assembly import load_config
+    from .runs.runner import Runner
 
     known = list_methods()
     methods = [m for m in (args.methods or DEMO_METHODS) if m in known]
@@ -213,7 +149,7 @@ def cmd_demo(args) -> int:
         dirs.append(out)
     print()
     print(compare(dirs, out=root / "comparison.md"))
-    print(f"\nreports: " + ", ".join(str(d / "report.html") for d in dirs))
+    print("\nreports: " + ", ".join(str(d / "report.html") for d in dirs))
     return 0
 
 
@@ -275,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_demo)
 
     try:
-        from .bench import add_parser as add_bench
+        from .bench.run import add_parser as add_bench
     except ImportError:
         add_bench = None
     if add_bench is not None:
@@ -284,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 try:
-    from torch import OutOfMemoryError as _OutOfMemory  # CUDA's (a RuntimeError, not a MemoryError)
+    from torch import (
+        OutOfMemoryError as _OutOfMemory,  # CUDA's (a RuntimeError, not a MemoryError)
+    )
 except ImportError:  # pragma: no cover - older torch
     class _OutOfMemory(Exception):
         pass

@@ -1,26 +1,17 @@
-"""One typed, validated config per run.
+"""The types of a run config: one typed, validated section per concern, nothing else.
 
-A run config is YAML: a preset from `loracl/presets/` or a user file. Presets may `extends:` another preset
-(deep merge) and carry per-method `overrides:` that apply when that method is selected. Paths may use
-`{data_root}`, `{weights_root}` and `{assets}`, resolved at load time (see `resolve_roots`).
-Unknown keys, wrong types and missing fields are one error line naming the key and the file.
+This module is a leaf: it imports no other part of loracl but its errors. Reading YAML, presets, `extends:`,
+per-method `overrides:`, `--set` and resolving the method section into its method's own typed Config happen in
+one place, `loracl.runs.assembly`.
 """
 
 from __future__ import annotations
 
-import copy
-import os
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator
 
 from .errors import ConfigError
-
-PACKAGE_DIR = Path(__file__).resolve().parent
-PRESET_DIR = PACKAGE_DIR / "presets"
-REPO_DIR = PACKAGE_DIR.parent
 
 
 class Strict(BaseModel):
@@ -82,6 +73,13 @@ class DataConfig(Strict):
     train_augment: Literal["none", "flip", "crop_flip", "rrc_flip"] = "flip"
     rrc_scale: tuple[float, float] = Field((0.08, 1.0), description="rrc_flip: area fraction range of the crop "
                                                                     "(SD-LoRA's recipe: [0.05, 1])")
+
+    @field_validator("rrc_scale")
+    @classmethod
+    def _fractions(cls, v):
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"needs 0 < low <= high <= 1, got {list(v)}")
+        return v
     normalize: bool = True
     resize: Literal["backbone", "resize", "resize_crop"] = "backbone"
     stats_augment: bool = Field(True, description="statistics / feature passes see the training transforms "
@@ -117,7 +115,7 @@ class TrainConfig(Strict):
     amp: Literal["auto", "none", "bf16", "fp16"] = "auto"
     model_mode: Literal["train", "eval"] = Field("train", description="eval: no dropout while training")
     loss_scope: Literal["task", "seen"] = Field("task", description="cross-entropy over the task's or all seen classes")
-    grad_clip: float | None = None
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm (None: no clipping)")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for smoke runs")
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: task boundaries only)")
     nan_policy: Literal["stop", "skip"] = "stop"
@@ -149,7 +147,7 @@ class EvalConfig(Strict):
 
 class AlignConfig(Strict):
     """Classifier alignment (SLCA; the official InfLoRA_CA): after every task, re-train all linear heads on
-    features sampled from stored per-class Gaussians (loracl/alignment.py; BASELINES.md section 1)."""
+    features sampled from stored per-class Gaussians (loracl/cl/alignment.py; BASELINES.md section 1)."""
 
     enabled: bool = False
     samples_per_class: int = Field(256, ge=1, description="features drawn per seen class and epoch")
@@ -162,6 +160,14 @@ class AlignConfig(Strict):
                                                 "temperature (official: every dataset but CIFAR-100)")
     temperature: float = Field(0.1, gt=0)
     shrink: bool = Field(True, description="draw around mean_c * (0.9 + 0.1 (task_of_c + 1) / (t + 1))")
+
+
+class MethodConfig(BaseModel):
+    """The `method:` section. `name` picks a method or a named configuration of one (inflora-ca, keeplora+);
+    each method's Config subclass adds its typed keys, and the assembly validates the section into it once."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    name: str = "seq-lora"
 
 
 class PublishedRow(Strict):
@@ -190,7 +196,7 @@ class RunConfig(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     align: AlignConfig = Field(default_factory=AlignConfig)
-    method: dict[str, Any] = Field(default_factory=lambda: {"name": "seq-lora"})
+    method: SerializeAsAny[MethodConfig] = Field(default_factory=MethodConfig)
     tensorboard: bool = False
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
     published: list[PublishedRow] = Field(default_factory=list, description="the paper's numbers for this protocol")
@@ -205,206 +211,4 @@ class RunConfig(Strict):
 
     @property
     def method_name(self) -> str:
-        return str(self.method.get("name", ""))
-
-
-# --------------------------------------------------------------------------------------------------
-# loading
-
-
-def list_presets() -> dict[str, str]:
-    out = {}
-    for p in sorted(PRESET_DIR.glob("*.yaml")):
-        if p.stem.startswith("_"):
-            continue
-        doc = _read_yaml(p)
-        out[p.stem] = str(doc.get("description", "")).strip().split("\n")[0]
-    return out
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    try:
-        doc = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return doc
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and not v.get("_replace", False):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy({kk: vv for kk, vv in v.items() if kk != "_replace"} if isinstance(v, dict) else v)
-    return out
-
-
-def _load_doc(path: Path, seen: tuple = ()) -> dict:
-    doc = _read_yaml(path)
-    parent = doc.pop("extends", None)
-    if parent is not None:
-        ppath = preset_path(parent) if not str(parent).endswith((".yaml", ".yml")) else path.parent / parent
-        if ppath in seen:
-            raise ConfigError(f"{path}: 'extends' cycle through {ppath}")
-        base = _load_doc(ppath, seen + (path,))
-        # overrides of the child are merged per method, not replaced
-        doc = deep_merge(base, doc)
-    return doc
-
-
-def preset_path(name: str) -> Path:
-    p = PRESET_DIR / f"{name}.yaml"
-    if not p.exists():
-        known = ", ".join(list_presets())
-        raise ConfigError(f"unknown preset '{name}' (known: {known})")
-    return p
-
-
-def parse_set(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError(f"--set expects key=value, got '{item}'")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
-    return key.strip().split("."), value
-
-
-def _set_path(doc: dict, keys: list[str], value: Any) -> None:
-    cur = doc
-    for k in keys[:-1]:
-        if not isinstance(cur.get(k), dict):
-            cur[k] = {}
-        cur = cur[k]
-    cur[keys[-1]] = value
-
-
-def default_roots() -> dict[str, Path | None]:
-    """Where data, weights and the embedded demo bundle are looked for when the config does not say."""
-    def first(env: str, *candidates: Path) -> Path | None:
-        if os.environ.get(env):
-            return Path(os.environ[env]).expanduser().absolute()
-        for c in candidates:
-            if c.exists():
-                return c.resolve()
-        return None
-
-    cwd = Path.cwd()
-    return {
-        "data_root": first("LORACL_DATA_ROOT", cwd / "../shared/data", REPO_DIR / "../shared/data"),
-        "weights_root": first("LORACL_WEIGHTS_ROOT", cwd / "../shared/weights", REPO_DIR / "../shared/weights"),
-        "assets": first("LORACL_ASSETS", REPO_DIR / "assets"),
-    }
-
-
-def resolve_roots(doc: dict) -> dict:
-    roots = default_roots()
-    for key in ("data_root", "weights_root"):
-        if doc.get(key):
-            roots[key] = Path(str(doc[key])).expanduser().absolute()  # the saved config works from any folder
-        doc[key] = str(roots[key]) if roots[key] is not None else None
-
-    def sub(x):
-        if isinstance(x, str) and "{" in x:
-            for key, val in roots.items():
-                token = "{" + key + "}"
-                if token in x:
-                    if val is None:
-                        env = {"data_root": "LORACL_DATA_ROOT", "weights_root": "LORACL_WEIGHTS_ROOT",
-                               "assets": "LORACL_ASSETS"}[key]
-                        raise ConfigError(
-                            f"path '{x}' needs {token}, which is not set: pass --set {key}=DIR or set {env}")
-                    x = x.replace(token, str(val))
-            return x
-        if isinstance(x, dict):
-            return {k: sub(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [sub(v) for v in x]
-        return x
-
-    return sub(doc)
-
-
-def format_validation_error(err: ValidationError, source: str, prefix: str = "") -> str:
-    parts = []
-    for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-"))
-        loc = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] == "missing":
-            msg = "required key is missing"
-        elif "input" in e and not isinstance(e["input"], (dict, list)):
-            msg = f"{msg} (got {e['input']!r})"
-        parts.append(f"'{loc}': {msg}")
-    return f"config error in {source}: " + "; ".join(parts)
-
-
-def load_config(
-    source: str | Path | None = None,
-    *,
-    preset: str | None = None,
-    method: str | None = None,
-    seed: int | None = None,
-    out: str | None = None,
-    sets: list[str] = (),
-) -> RunConfig:
-    """Build the run config from a preset or a file, then --method, --seed, --out and --set overrides."""
-    if (source is None) == (preset is None):
-        raise ConfigError("give either a config file or --preset NAME")
-    path = preset_path(preset) if preset else Path(source)
-    src = str(path) + (f" (with --set {' '.join(sets)})" if sets else "")
-    doc = _load_doc(path)
-    overrides = doc.pop("overrides", {}) or {}
-    if method is not None:
-        if method != (doc.get("method") or {}).get("name"):
-            doc["method"] = {"name": method}
-    name = (doc.get("method") or {}).get("name", "seq-lora")
-    if name in overrides:
-        doc = deep_merge(doc, overrides[name])
-    from .methods import get_method  # late: methods import the config types
-
-    if getattr(get_method(name, src), "classifier_alignment", False):
-        # a method defined with classifier alignment (inflora-ca) switches it on unless the config says otherwise
-        doc.setdefault("align", {}).setdefault("enabled", True)
-    if seed is not None:
-        doc["seed"] = seed
-    if out is not None:
-        doc["out"] = out
-    for item in sets:
-        keys, value = parse_set(item)
-        _set_path(doc, keys, value)
-    if preset and "name" not in doc:
-        doc["name"] = preset
-    doc = resolve_roots(doc)
-    try:
-        cfg = RunConfig.model_validate(doc)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, src)) from None
-    parsed = validate_method_section(cfg, src)
-    cfg.method = {"name": cfg.method_name, **parsed.model_dump(mode="json")}
-    return cfg
-
-
-def validate_method_section(cfg: RunConfig, source: str):
-    from .methods import get_method  # late: methods import the config types
-
-    cls = get_method(cfg.method_name, source)
-    try:
-        parsed = cls.Config.model_validate({k: v for k, v in cfg.method.items() if k != "name"})
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e, source, prefix="method.")) from None
-    return parsed
-
-
-def dump_config(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        return self.method.name

@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from loracl.alignment import (ClassifierAlignment, normalised_logits, pack_lower, sample_features, shrink_factors,
+from loracl.cl.alignment import (ClassifierAlignment, normalised_logits, pack_lower, sample_features, shrink_factors,
                               unpack_lower)
 from loracl.config import AlignConfig
 from loracl.errors import ConfigError
-from loracl.methods.base import Batch
-from loracl.methods.ncm import ncm_logits
+from loracl.data.loader import derive_seed
+from loracl.engine import Batch
+from loracl.cl.statistics import ncm_logits
 from loracl.models.heads import LinearHead, TextHead
-from loracl.stats import ClassStatistics
+from loracl.cl.statistics import ClassStatistics
 
 
 class FakeModel(nn.Module):
@@ -25,25 +26,27 @@ class FakeModel(nn.Module):
         super().__init__()
         self.backbone = SimpleNamespace(feature_dim=d)
         self.head = head
+        self.device = torch.device("cpu")
 
     def features(self, x):
         return x
 
 
 class FakeRun:
+    """The services alignment uses: seed, log, cost.timed, forward_pass."""
+
     def __init__(self, seed=0):
-        self.cfg = SimpleNamespace(seed=seed)
-        self.device = torch.device("cpu")
+        self._seed = seed
         self.lines = []
+        self.cost = SimpleNamespace(timed=lambda phase: contextlib.nullcontext())
+
+    def seed(self, *parts):
+        return derive_seed(self._seed, *parts)
 
     def log(self, msg):
         self.lines.append(msg)
 
-    @contextlib.contextmanager
-    def timed(self, phase):
-        yield
-
-    def forward_pass(self, images, fn, *, desc, train_transform=True):
+    def forward_pass(self, images, fn, *, desc, view="train"):
         X, Y = images
         for k in range(0, len(Y), 64):
             fn(Batch(X[k:k + 64], Y[k:k + 64], torch.arange(k, min(k + 64, len(Y)))))
@@ -212,18 +215,18 @@ def test_ncm_predicts_the_nearest_prototype_by_cosine():
 
 
 def test_inflora_ca_switches_alignment_on_unless_the_config_says_otherwise():
-    from loracl.config import load_config
+    from loracl.runs.assembly import load_config
 
     c = load_config(preset="cifar100-mini", method="inflora-ca")
-    assert c.align.enabled and c.method["memory"] == "gpm" and c.method["rank"] == 5
+    assert c.align.enabled and c.method.memory == "gpm" and c.method.rank == 5
     assert not load_config(preset="cifar100-mini", method="inflora-ca", sets=["align.enabled=false"]).align.enabled
     assert not load_config(preset="cifar100-mini", method="inflora").align.enabled
     assert load_config(preset="cifar100-mini", method="seq-lora", sets=["align.enabled=true"]).align.enabled
     c = load_config(preset="inflora-ca-cifar100")
-    assert (c.method["name"], c.method["rank"], c.align.enabled, c.align.logit_norm) == ("inflora-ca", 5, True, False)
+    assert (c.method.name, c.method.rank, c.align.enabled, c.align.logit_norm) == ("inflora-ca", 5, True, False)
     assert (c.train.optimizer.name, c.train.optimizer.lr, c.train.schedule.name) == ("sgd", 0.001, "cosine-epoch")
     c = load_config(preset="inflora-ca-imagenet-r-10")
-    assert (c.method["rank"], c.method["eps"], c.align.logit_norm, c.train.epochs) == (10, 0.95, True, 50)
+    assert (c.method.rank, c.method.eps, c.align.logit_norm, c.train.epochs) == (10, 0.95, True, 50)
 
 
 def test_cosine_epoch_is_torchs_cosine_annealing_stepped_per_epoch():

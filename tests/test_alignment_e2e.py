@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from conftest import smoke_sets
-from loracl.alignment import ClassifierAlignment
-from loracl.config import load_config
-from loracl.train import Runner
+from loracl.cl.alignment import ClassifierAlignment
+from loracl.runs.assembly import load_config
+from loracl.runs.runner import Runner
 
 pytestmark = pytest.mark.shared
 

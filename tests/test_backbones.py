@@ -5,8 +5,8 @@ import time
 import pytest
 import torch
 
-from conftest import WEIGHTS
-from loracl.config import BackboneConfig, load_config
+from loracl.config import BackboneConfig
+from loracl.runs.assembly import load_config
 from loracl.errors import WeightsError
 from loracl.models.backbones import create_backbone
 

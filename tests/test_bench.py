@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from loracl.models.branches import DenseSum
+from loracl.bench.dense import DenseSum, dense_sums
 
 
 def test_official_dense_sum_equals_low_rank_sum_and_merge(tiny_vit):
@@ -18,15 +18,16 @@ def test_official_dense_sum_equals_low_rank_sum_and_merge(tiny_vit):
     ad = bb.inject_lora(["k", "v"])
     g = torch.Generator().manual_seed(0)
     for s in ad.sites:
-        for _ in range(3):
-            s.add_branch(torch.randn(4, s.d_in, generator=g) * 0.1, torch.randn(s.d_out, 4, generator=g) * 0.1)
+        for k in range(3):
+            s.add_lora(torch.randn(4, s.d_in, generator=g) * 0.1, torch.randn(s.d_out, 4, generator=g) * 0.1,
+                       tag=f"task{k}")
     x = torch.randn(2, 3, 32, 32, generator=g)
     with torch.no_grad():
         low_rank = tiny_vit(x)
-        with ad.dense_sums():
-            assert all(len(s.branches) == 1 and isinstance(s.branches[0], DenseSum) for s in ad.sites)
+        with dense_sums(ad):
+            assert all(list(s.branches) == ["dense"] and isinstance(s.branches["dense"], DenseSum) for s in ad.sites)
             dense = tiny_vit(x)  # the dense sum is what runs
-        assert all(len(s.branches) == 3 and not isinstance(s.branches[0], DenseSum) for s in ad.sites)
+        assert all(list(s.branches) == ["task0", "task1", "task2"] for s in ad.sites)
         ad.merge_all()
         merged = tiny_vit(x)
     torch.testing.assert_close(dense, low_rank, atol=1e-5, rtol=1e-5)
@@ -131,10 +132,11 @@ def test_reference_and_fast_path_compute_the_same_loss(tmp_path):
     (the reference), fp32 on the CPU: the method's own loss is the same on the same batch."""
     import argparse
 
-    from loracl.bench import _config, holding, reference_train
+    from loracl.bench.run import _config
+    from loracl.bench.sections import holding, reference_train
     from loracl.data.synthetic import synthetic_scenario
-    from loracl.methods import Batch
-    from loracl.train import Runner
+    from loracl.engine import Batch
+    from loracl.runs.runner import Runner
 
     torch.set_num_threads(1)
     args = argparse.Namespace(config=None, preset="cifar100-mini", method="inflora", backbone="vit_tiny_patch16_224",
@@ -153,8 +155,8 @@ def test_reference_and_fast_path_compute_the_same_loss(tmp_path):
                 g = torch.Generator().manual_seed(2)
                 for u in ups:
                     u.copy_(0.05 * torch.randn(u.shape, generator=g))
-            with run.services.amp_context():
-                losses[way] = run.method.loss(batch, task).item()
+            with run.precision.context():
+                losses[way] = run.method.loss(run.model, batch, task).item()
     assert losses["official"] == pytest.approx(losses["merged"], rel=1e-5)
     assert losses["branches"] == pytest.approx(losses["merged"], rel=1e-5)
     assert abs(losses["official"] - losses["none"]) > 1e-4  # the earlier branches do change the loss

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from loracl.config import BackboneConfig, load_config
+from loracl.config import BackboneConfig
+from loracl.runs.assembly import load_config
 from loracl.models.backbones import create_backbone
-from loracl.train import Runner
+from loracl.runs.runner import Runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

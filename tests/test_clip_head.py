@@ -45,7 +45,7 @@ def test_text_cache_follows_the_text_encoder(tiny_clip):
         head.text_embeddings(ids)
         n = len(calls)
         site = ad.sites[0]
-        site.add_branch(torch.randn(2, site.d_in), torch.randn(site.d_out, 2))
+        site.add_lora(torch.randn(2, site.d_in), torch.randn(site.d_out, 2), tag="task0")
         e2 = head.text_embeddings(ids)
         assert len(calls) == n + 1
         with ad.inactive():
@@ -53,7 +53,7 @@ def test_text_cache_follows_the_text_encoder(tiny_clip):
         assert len(calls) == n + 2 and (e2 - e3).abs().max() > 1e-5
         head.text_embeddings(ids)
         assert len(calls) == n + 3
-        site.merge(0)  # same function, but the weight changed in place: recomputed, same values
+        site.merge("task0")  # same function, but the weight changed in place: recomputed, same values
         torch.testing.assert_close(head.text_embeddings(ids), e2, atol=1e-5, rtol=1e-5)
         assert len(calls) == n + 4
 

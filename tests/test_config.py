@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loracl.config import list_presets, load_config
+from loracl.runs.assembly import list_presets, load_config
 from loracl.errors import ConfigError
 
 
@@ -56,8 +56,8 @@ def test_method_section_is_validated(tmp_path):
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         load_config(preset="cifar100-mini", method="nope")
     cfg = load_config(preset="cifar100-mini", method="seq-lora", sets=["method.rank=4"])
-    assert cfg.method["rank"] == 4 and cfg.method["name"] == "seq-lora"
-    assert "targets" in cfg.method  # defaults are resolved into the saved config
+    assert cfg.method.rank == 4 and cfg.method.name == "seq-lora"
+    assert "targets" in cfg.model_dump()["method"]  # defaults are resolved into the saved config
 
 
 def test_set_overrides_types_and_paths():
@@ -92,7 +92,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_unset_root_placeholder_is_explained(tmp_path, monkeypatch):
-    import loracl.config as C
+    import loracl.runs.assembly as C
 
     monkeypatch.setattr(C, "default_roots", lambda: {"data_root": None, "weights_root": None, "assets": None})
     doc = _minimal()
@@ -103,12 +103,49 @@ def test_unset_root_placeholder_is_explained(tmp_path, monkeypatch):
 
 def test_relative_roots_are_saved_absolute(tmp_path, monkeypatch):
     """A run started with --set data_root=../x saves absolute paths: export and predict work from any folder."""
-    from pathlib import Path
 
-    from loracl.config import load_config
+    from loracl.runs.assembly import load_config
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(preset="cifar100-mini", sets=["data_root=rel/data", "weights_root=../w"])
     assert Path(cfg.data_root) == tmp_path / "rel" / "data"
     assert Path(cfg.benchmark.datasets[0].root) == tmp_path / "rel" / "data" / "cifar100"
     assert Path(cfg.backbone.file).is_absolute()
+
+
+@pytest.mark.parametrize("name,base,key,value", [
+    ("inflora-ca", "inflora", "memory", "gpm"), ("inflora-b5", "inflora", "blocks", [0, 1, 2, 3, 4]),
+    ("keeplora+", "keeplora", "plus", True), ("sd-lora-rr", "sd-lora", "rank_schedule", [[0, 10], [4, 8], [8, 6]]),
+    ("sd-lora-kd", "sd-lora", "absorb", True)])
+def test_named_configurations_are_settings_of_one_method(name, base, key, value):
+    """A variant is its method's class with other defaults: the CLI name stays, the config says which."""
+    from loracl.methods import lookup
+
+    assert lookup(name).cls is lookup(base).cls
+    cfg = load_config(preset="cifar100-mini", method=name)
+    assert type(cfg.method) is lookup(base).cls.Config and cfg.method.name == name
+    assert getattr(cfg.method, key) == value
+    assert getattr(load_config(preset="cifar100-mini", method=base).method, key) != value
+    # the variant's settings are defaults: the config may override them
+    override = f"method.{key}=" + ("null" if key in ("blocks", "rank_schedule") else "false" if value is True else "dualgpm")
+    assert getattr(load_config(preset="cifar100-mini", method=name, sets=[override]).method, key) != value
+
+
+def test_the_method_section_must_be_a_mapping(tmp_path):
+    doc = _minimal() | {"method": "seq-lora"}
+    with pytest.raises(ConfigError, match="'method': a mapping"):
+        load_config(_write(tmp_path, doc))
+
+
+def test_a_config_file_that_is_not_text_is_one_line(tmp_path):
+    p = tmp_path / "model.safetensors"
+    p.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="is not text"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("sets,words", [(["data.rrc_scale=[0.9, 0.1]"], "rrc_scale"),
+                                        (["train.grad_clip=-1"], "grad_clip")])
+def test_values_that_would_silently_misbehave_are_refused(sets, words):
+    with pytest.raises(ConfigError, match=words):
+        load_config(preset="cifar100-mini", sets=sets)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from loracl.checkpoint import load as load_checkpoint
-from loracl.config import load_config
-from loracl.train import Runner
+from loracl.runs.statefile import load as load_checkpoint
+from loracl.runs.assembly import load_config
+from loracl.runs.runner import Runner
 
 DEVICE = os.environ.get("LORACL_TEST_DEVICE", "cuda")
 pytestmark = [pytest.mark.cuda,

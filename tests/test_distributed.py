@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, smoke_sets
-from loracl.checkpoint import load as load_checkpoint
+from loracl.runs.statefile import load as load_checkpoint
 
 pytestmark = pytest.mark.shared
 
@@ -50,7 +50,7 @@ CASES = {
     # others map it), augmentation parameters drawn for the global batch, replay samples from decoded copies
     "er-tensor": ("er", [SMALL, "data.pipeline=tensor", "data.cache_dir=@OUT@/decoded"] + SGD, None),
     # prompts owned by the model; L2P's official key loss sums over the whole batch, across the processes' shares
-    "l2p": ("l2p", [SMALL], 2 + 4),  # keys and block 0's pool, two head chunks
+    "l2p": ("l2p", [SMALL], 2 + 4 + 1),  # keys and block 0's pool, two head chunks, the prompts' task index
     # DualPrompt's batch-summed key loss over the E-blocks; CODA-Prompt's frozen earlier components
     "dualprompt": ("dualprompt", [SMALL], None),
     "coda-prompt": ("coda-prompt", [SMALL], None),

@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from conftest import DATA, REPO, WEIGHTS
-from loracl import checkpoint
-from loracl.cli import LOCK, main
+from loracl.runs import statefile as checkpoint
+from loracl.cli import main
+from loracl.runs.lock import LOCK
 from loracl.errors import LoraclError
 
 pytestmark = [pytest.mark.shared, pytest.mark.usefixtures("one_thread")]
@@ -428,14 +429,14 @@ def test_export_and_predict_refuse_an_unfinished_run(finished, tmp_path, capsys)
     one_line(*cli(capsys, "predict", out, DATA / "cifar10" / "test" / "cat"), "did not finish")
 
 
-def test_export_refuses_a_method_with_its_own_logits(finished, tmp_path, capsys):
+def test_export_of_a_run_whose_config_names_another_method_is_one_line(finished, tmp_path, capsys):
     import yaml
 
     out = copy_run(finished, tmp_path)
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     cfg["method"] = {"name": "keeplora+"}
     (out / "config.yaml").write_text(yaml.safe_dump(cfg))
-    one_line(*cli(capsys, "export", out), "keeplora+", "logits")
+    one_line(*cli(capsys, "export", out), "task_01.pt", "does not fit")
 
 
 @pytest.mark.parametrize("fault", ["no-such-image", "empty-folder", "unwritable-out", "not-a-run"])
@@ -522,7 +523,7 @@ def test_export_refuses_a_prompt_method_in_one_line(folder, tmp_path, capsys):
     for s in tiny_sets(folder):
         argv += ["--set", s]
     assert main(argv) == 0
-    one_line(*cli(capsys, "export", out), "dualprompt", "'prompts'", "plain timm")
+    one_line(*cli(capsys, "export", out), "dualprompt", "plain timm", "predict works")
 
 def r_root(run_dir):
     import yaml
@@ -547,7 +548,7 @@ def test_compare_prints_published_numbers_beside_measured(finished, tmp_path, ca
 
 
 def test_paper_presets_carry_published_rows():
-    from loracl.config import load_config
+    from loracl.runs.assembly import load_config
 
     for preset, method, metric, value in (("inflora-imagenet-r-10", "inflora", "final_acc", 75.65),
                                           ("inflora-cifar100", "inflora", "avg_inc_acc", 91.70),
@@ -622,7 +623,7 @@ def test_sigterm_stops_like_ctrl_c(folder, tmp_path):
 def test_out_of_memory_is_one_line(folder, tmp_path, capsys, monkeypatch):
     from loracl.methods.baselines import SeqLoRA
 
-    def oom(self, batch, task):
+    def oom(self, net, batch, task):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(SeqLoRA, "loss", oom)

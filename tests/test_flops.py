@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loracl.flops import FlopMeter
+from loracl.engine.flops import FlopMeter
 
 
 def _step_flops(fn, batch_size=1):

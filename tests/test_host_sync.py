@@ -13,15 +13,15 @@ import torch
 
 import loracl
 from conftest import smoke_sets
-from loracl.config import load_config
-from loracl.train import Runner
+from loracl.runs.assembly import load_config
+from loracl.runs.runner import Runner
 
 pytestmark = [pytest.mark.shared, pytest.mark.usefixtures("one_thread")]
 
 PKG = str(pathlib.Path(loracl.__file__).parent)
 CONVERSIONS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero", "cpu"]
 # tensors drawn from a CPU generator for the replay memory: host tensors whatever the training device
-HOST_SIDE = {("memory.py", "sample"), ("memory.py", "load")}
+HOST_SIDE = {("cl/memory.py", "sample"), ("cl/memory.py", "load")}
 
 CASES = {
     "inflora": ("inflora", []),

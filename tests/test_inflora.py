@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from loracl.models.branches import new_branch_factors
 from loracl.methods.inflora import design_down_projection
-from loracl.models.lora import build_sites
-from loracl.stats import layer_input_moments
-from loracl.subspace import DualGPM, orthogonal_complement, principal_angles_cos, project_out
+from loracl.models.backbones import build_sites
+from loracl.cl.statistics import layer_input_moments
+from loracl.cl.subspace import DualGPM, orthogonal_complement, principal_angles_cos, project_out
 
 
 def _cov(d=32, n=400, seed=0):
@@ -117,7 +117,7 @@ class Toy:
             down = design_down_projection(self.moments(X), self.memory.free_basis("toy"), RANK)
         else:  # sequential LoRA control: a random down-projection
             down = new_branch_factors(RANK, D, D)[0]
-        br = self.site.add_branch(down, torch.zeros(D, RANK), train_down=False)
+        br = self.site.add_lora(down, torch.zeros(D, RANK), tag=f"task{t}", train_down=False)
         head = torch.nn.Linear(D, 3)
         self.heads.append(head)
         opt = torch.optim.Adam([br.up, *head.parameters()], lr=2e-2)
@@ -125,7 +125,7 @@ class Toy:
             opt.zero_grad()
             F.cross_entropy(head(self.features(X)), y).backward()
             opt.step()
-        self.site.merge(0)
+        self.site.merge(f"task{t}")
         self.memory.update("toy", self.moments(X), t)
 
     @torch.no_grad()
@@ -162,7 +162,7 @@ def test_toy_disjoint_subspaces_earlier_task_is_untouched(inflora, one_thread):
 def test_memory_on_the_input_matrix_equals_memory_on_the_covariance_root():
     """The paper's DualGPM runs on the token matrix H (d x N); C^(1/2) with C = H H^T / N stands in for it
     exactly (same left singular vectors and residual spectra), so the 'input' energy needs only C."""
-    from loracl.subspace import psd_sqrt
+    from loracl.cl.subspace import psd_sqrt
 
     g = torch.Generator().manual_seed(5)
     d, n = 16, 300

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from conftest import smoke_sets
-from loracl.checkpoint import load
-from loracl.config import load_config
-from loracl.subspace import DualGPM
-from loracl.train import Runner
+from loracl.runs.statefile import load
+from loracl.runs.assembly import load_config
+from loracl.cl.subspace import DualGPM
+from loracl.runs.runner import Runner
 
 pytestmark = pytest.mark.shared
 
-TINY = [f"benchmark.num_tasks=2", "train.max_steps_per_epoch=4", "data.batch_size=16",
+TINY = ["benchmark.num_tasks=2", "train.max_steps_per_epoch=4", "data.batch_size=16",
         "benchmark.datasets=[{name: cifar100, root: '{data_root}/cifar100', classes: "
         f"{list(range(20))}, max_per_class: {{train: 12, test: 5}}}}]"]
 

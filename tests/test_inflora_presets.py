@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import DATA
-from loracl.config import load_config
+from loracl.runs.assembly import load_config
 from loracl.data.datasets import SPLIT_DIR, load_dataset
 
 PRESETS = {"inflora-cifar100": (10, 20, 0.95), "inflora-imagenet-r-5": (5, 50, 0.98),
@@ -22,9 +22,9 @@ def test_preset_loads_with_official_settings(preset, tmp_path):
     tasks, epochs, eps = PRESETS[preset]
     cfg = load_config(preset=preset, sets=[f"data_root={tmp_path}"])
     m = cfg.method
-    assert m["name"] == "inflora" and m["rank"] == (30 if "domainnet" in preset else 10)
-    assert m["targets"] == ["k", "v"] and m["blocks"] is None and m["eps"] == eps
-    assert m["variant"] == "official" and m["memory"] == ("gpm" if "domainnet" in preset else "dualgpm")
+    assert m.name == "inflora" and m.rank == (30 if "domainnet" in preset else 10)
+    assert m.targets == ["k", "v"] and m.blocks is None and m.eps == eps
+    assert m.variant == "official" and m.memory == ("gpm" if "domainnet" in preset else "dualgpm")
     assert cfg.benchmark.num_tasks == tasks and cfg.train.epochs == epochs
     assert cfg.backbone.name == "vit_base_patch16_224.augreg_in21k" and cfg.backbone.pretrained is True
     assert cfg.data.batch_size == 128 and cfg.data.normalize is False and cfg.data.train_augment == "rrc_flip"
@@ -50,13 +50,13 @@ def test_preset_loads_with_official_settings(preset, tmp_path):
 def test_b5_overrides(preset, lr, eps, rank, tmp_path):
     cfg = load_config(preset=preset, method="inflora-b5", sets=[f"data_root={tmp_path}"])
     m = cfg.method
-    assert m["name"] == "inflora-b5" and m["blocks"] == [0, 1, 2, 3, 4] and m["memory"] == "gpm"
-    assert (cfg.train.optimizer.lr, m["eps"], m["rank"]) == (lr, eps, rank)
+    assert m.name == "inflora-b5" and m.blocks == [0, 1, 2, 3, 4] and m.memory == "gpm"
+    assert (cfg.train.optimizer.lr, m.eps, m.rank) == (lr, eps, rank)
 
 
 def test_other_methods_run_on_the_inflora_presets(tmp_path):
     cfg = load_config(preset="inflora-imagenet-r-10", method="seq-lora", sets=[f"data_root={tmp_path}"])
-    assert cfg.method["name"] == "seq-lora" and "eps" not in cfg.method
+    assert cfg.method.name == "seq-lora" and not hasattr(cfg.method, "eps")
 
 
 def test_imagenet_r_class_order_is_sorted_wnids():

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DATA, smoke_sets
-from loracl.config import load_config
+from loracl.runs.assembly import load_config
 from loracl.errors import ConfigError
 from loracl.methods.keeplora import ClassMeans, residual_factors
-from loracl.subspace import energy_rank, gpm_extend, gpm_first, principal_basis, project_onto, psd_sqrt
-from loracl.train import Runner
+from loracl.cl.subspace import energy_rank, gpm_extend, gpm_first, principal_basis, project_onto, psd_sqrt
+from loracl.runs.runner import Runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,7 +125,7 @@ def test_init_and_subtract_keeps_the_function_on_clip(tmp_path, variant):
         torch.testing.assert_close(m.bases[s.name], ref)
     task = r.scenario.tasks[1]
     r.trainer.current_task = task
-    ids = r.data.class_tensor(task.class_ids)
+    ids = r.data.classes.tensor(task.class_ids)
     x, _ = next(iter(r.data.eval_batches(task.test)))
     text = r.model.head.prompts
     with torch.no_grad():
@@ -137,7 +137,7 @@ def test_init_and_subtract_keeps_the_function_on_clip(tmp_path, variant):
     m.begin_task(task)
     assert r.model.adapter.live_branches() == len(r.model.adapter.sites)
     for s in r.model.adapter.sites:
-        br = s.branches[0]
+        br = s.branches["task1"]
         assert not br.down.requires_grad and br.up.requires_grad
         assert br.delta_weight().norm() > 0
         torch.testing.assert_close(s.weight() + br.delta_weight(), W0[s.name], atol=1e-6, rtol=0)
@@ -160,7 +160,7 @@ def test_updates_stay_in_the_residual_subspace_and_memory_grows(tmp_path):
         M0 = {k: v.clone() for k, v in m.bases.items()}
         W0 = _weights(r)
         m.begin_task(t)
-        r.services.fit(t, phase="train", images=t.train, epochs=1)
+        r.services.fit(t, phase="train", images=t.train, epochs=1, groups=m.param_groups(t), loss=m.loss)
         m.end_task(t)
         assert r.model.adapter.live_branches() == 0
         moved = 0
@@ -196,9 +196,9 @@ def test_gradient_estimate_is_the_dataset_mean_and_holds_one_gradient_set(tmp_pa
         return orig(*a, **k)
 
     r.services.forward_pass = spy
-    r.cfg.data.batch_size = 16  # batches of 16, 16, 8
+    r.services.batch_size = 16  # batches of 16, 16, 8
     g_batches = {k: v.clone() for k, v in m.estimate_gradients(task).items()}
-    r.cfg.data.batch_size = 64  # one batch
+    r.services.batch_size = 64  # one batch
     g_once = m.estimate_gradients(task)
     for layer, g in g_once.items():
         torch.testing.assert_close(g_batches[layer], g, atol=1e-6, rtol=1e-4)
@@ -247,7 +247,9 @@ def test_end_to_end_keeplora_plus_on_clip(tmp_path):
     r = Runner(done.cfg, tmp_path / "keeplora+", resume=True, progress=False, log=lambda *a, **k: None)
     r.method.setup()
     initial = sum(r.method.protected_dims().values())
-    assert r.checkpoints.restore()[0] == 5
+    start, state, _ = r.checkpoints.restore()
+    r.method.load_state_dict(state["method"])
+    assert start == 5
     assert len(r.method.cosine.chunks) == 5
     assert sum(r.method.protected_dims().values()) > initial
 

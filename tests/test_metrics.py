@@ -2,7 +2,7 @@
 
 import pytest
 
-from loracl import metrics as M
+from loracl.results import metrics as M
 
 # a[j][i]: after task j, on task i (3 tasks, class-incremental: upper triangle undefined)
 A = [[90.0, None, None],
@@ -71,7 +71,7 @@ def test_single_task():
 
 
 def test_compare_derives_learning_accuracy_for_older_runs():
-    from loracl.compare import _derive_metrics
+    from loracl.results.compare import _derive_metrics
 
     r = {"status": "complete", "acc_matrix": A, "acc_matrix_task_aware": [[95.0, None], [90.0, 85.0]],
          "metrics": {"final_acc": 73.75}}

@@ -2,7 +2,7 @@
 
 import pytest
 
-from loracl.metrics import all_metrics, average, last, transfer
+from loracl.results.metrics import all_metrics, average, last, transfer
 
 
 def test_mtil_metrics_by_hand():

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from loracl.config import DatasetSpec, load_config
+from loracl.config import DatasetSpec
+from loracl.runs.assembly import load_config
 from loracl.data import mtil
 from loracl.data.datasets import load_dataset, random_split
 
@@ -68,7 +69,7 @@ def test_presets_follow_the_official_orders(order):
     assert (cfg.backbone.name, cfg.backbone.pretrained, cfg.head.kind) == ("ViT-B-16", "openai", "text")
     assert (cfg.train.optimizer.name, cfg.train.optimizer.lr, cfg.train.optimizer.weight_decay) == ("adamw", 1e-3, 0.01)
     assert cfg.train.schedule.name == "onecycle" and cfg.data.batch_size == 64 and cfg.data.train_augment == "none"
-    assert cfg.method["name"] == "keeplora" and cfg.method["rank"] == 16
+    assert cfg.method.name == "keeplora" and cfg.method.rank == 16
     plus = load_config(preset=f"keeplora-mtil-{order}", method="keeplora+", sets=["data_root=/nonexistent"])
     assert plus.train.epochs == mtil.EPOCHS[("keeplora+", key)]
 

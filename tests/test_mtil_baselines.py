@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from conftest import smoke_sets
-from loracl.config import load_config
+from loracl.runs.assembly import load_config
 from loracl.errors import ConfigError
-from loracl.train import Runner
+from loracl.runs.runner import Runner
 
 CLIP = ["backbone.kind=open_clip", "backbone.name=loracl-tiny-clip", "backbone.pretrained=false",
         "backbone.file=null", "backbone.kwargs={}", "backbone.cfg_overlay={}", "head.kind=text"]

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import smoke_sets
-from loracl.config import load_config
-from loracl.subspace import cross_gram_l1
+from loracl.runs.assembly import load_config
+from loracl.cl.subspace import cross_gram_l1
 
 # 2 tasks of 10 CIFAR-100 classes, 20 training and 5 test images per class
 TINY = ["benchmark.num_tasks=2", "benchmark.datasets=[{name: cifar100, root: '{data_root}/cifar100', classes: "
@@ -15,7 +15,7 @@ TINY = ["benchmark.num_tasks=2", "benchmark.datasets=[{name: cifar100, root: '{d
 
 
 def tiny_runner(tmp_path, method, *extra):
-    from loracl.train import Runner
+    from loracl.runs.runner import Runner
 
     cfg = load_config(preset="cifar100-mini", method=method, sets=smoke_sets(**{"eval.max_per_task": None}) + TINY
                       + list(extra))
@@ -57,11 +57,11 @@ def test_o_lora_keeps_frozen_branches_and_penalises_the_new_one(tmp_path):
     assert r["status"] == "complete" and r["acc_matrix"][1][0] is not None
     m = runner.method
     sites = m.model.adapter.sites
-    assert {s.kind for s in sites} == {"q", "v"} and all(len(s.branches) == 2 for s in sites)
-    assert all(not p.requires_grad for s in sites for br in s.branches for p in (br.down, br.up))
-    assert all(br.scale == 4.0 for s in sites for br in s.branches)  # alpha 32 / rank 8
-    assert all(s.branches[0].up.abs().sum() > 0 for s in sites)  # task 0's branch trained and still live
-    hand = sum(float((s.branches[0].down @ s.branches[1].down.t()).abs().sum()) for s in sites)
+    assert {s.kind for s in sites} == {"q", "v"} and all(list(s.branches) == ["task0", "task1"] for s in sites)
+    assert all(not p.requires_grad for s in sites for br in s.branches.values() for p in (br.down, br.up))
+    assert all(br.scale == 4.0 for s in sites for br in s.branches.values())  # alpha 32 / rank 8
+    assert all(s.branches["task0"].up.abs().sum() > 0 for s in sites)  # task 0's branch trained and still live
+    hand = sum(float((s.branches["task0"].down @ s.branches["task1"].down.t()).abs().sum()) for s in sites)
     assert float(m.penalty()) == pytest.approx(0.5 * hand, rel=1e-5)
 
 
@@ -80,7 +80,7 @@ def test_ncm_runs_without_training_and_scores_prototypes(tmp_path):
     assert m.ids.tolist() == list(range(20)) and m.counts.tolist() == [20.0] * 20
     json.dumps(m.state_dict()["ids"].tolist())
     # eval.ncm's score of the final backbone: here the backbone is the frozen one, so it is the run's final accuracy
-    from loracl.methods.ncm import ncm_accuracy
+    from loracl.engine.evaluator import ncm_accuracy
 
     tasks = runner.scenario.tasks
     acc = ncm_accuracy(m.run, m.model, [t.train for t in tasks], [t.test for t in tasks], list(range(20)))
@@ -99,19 +99,19 @@ def test_o_lora_resumes_mid_task_exactly(tmp_path):
         name = "test-o-lora-killed"
         steps = 0
 
-        def loss(self, batch, task):
+        def loss(self, net, batch, task):
             if task.index == 1:
                 OLoRAKilled.steps += 1
                 if OLoRAKilled.steps == 4:  # after the step checkpoint at step 2 of task 1
                     raise KeyboardInterrupt
-            return super().loss(batch, task)
+            return super().loss(net, batch, task)
 
     sets = ["train.checkpoint_every=2", "train.epochs=2"]
     whole = tiny_runner(tmp_path, "o-lora", *sets).run()
     with pytest.raises(KeyboardInterrupt):
         tiny_runner(tmp_path, "test-o-lora-killed", *sets).run()
     assert (tmp_path / "test-o-lora-killed" / "checkpoints" / "step.pt").exists()
-    from loracl.train import Runner
+    from loracl.runs.runner import Runner
 
     cfg = load_config(preset="cifar100-mini", method="o-lora", sets=smoke_sets(**{"eval.max_per_task": None}) + TINY
                       + sets)

@@ -8,16 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import interrupted_at_step_checkpoint, smoke_sets
-from loracl.checkpoint import digests, load
+from loracl.runs.statefile import digests, load
 from loracl.cli import main
-from loracl.config import BackboneConfig, load_config
+from loracl.runs.assembly import load_config
 from loracl.methods.coda_prompt import CodaComponents, CodaPromptConfig, CodaPrompts
 from loracl.methods.l2p import key_matching_loss
-from loracl.models.backbones import create_backbone
-from loracl.models.lora import attach_linear, attach_mha
-from loracl.models.prompts import (attach_prefix, cosine_topk, gram_schmidt, prefixed, prompt_slots,
-                                   split_prefix)
-from loracl.train import Runner
+from loracl.models.attention import Prefix, attach_mha, patch_attention, prefix_slots, prefixed
+from loracl.models.branches import Branch
+from loracl.models.lora import attach_linear
+from loracl.models.prompts import QueryMemo, cosine_topk, gram_schmidt, split_prefix
+from loracl.runs.runner import Runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = ["l2p", "dualprompt", "coda-prompt"]
@@ -50,15 +50,15 @@ def test_empty_slots_are_bit_identical_timm(tiny_vit):
     with torch.no_grad():
         y0 = tiny_vit(x)
         for blk in tiny_vit.blocks:
-            attach_prefix(blk.attn)
+            patch_attention(blk.attn)
         assert torch.equal(tiny_vit(x), y0)
         # with LoRA on the fused qkv: the prompted model without a prefix is the LoRA model
         layer = attach_linear(tiny_vit.blocks[0].attn.qkv, {"q": (0, 48)})
-        layer.add_branch("q", torch.randn(2, 48), torch.randn(48, 2))
+        layer.add("q", Branch(torch.randn(2, 48), torch.randn(48, 2)), "task0")
         y1 = tiny_vit(x)
         assert not torch.equal(y1, y0)
         a = tiny_vit.blocks[0].attn
-        with prefixed({0: a}, {0: (torch.randn(3, 2, 48), torch.randn(3, 2, 48))}):
+        with prefixed({0: a}, {0: Prefix(torch.randn(3, 2, 48), torch.randn(3, 2, 48))}):
             assert not torch.equal(tiny_vit(x), y1)
         assert a.prefix is None and torch.equal(tiny_vit(x), y1)
 
@@ -68,28 +68,29 @@ def test_empty_slots_are_bit_identical_open_clip(tiny_clip):
     blocks = tiny_clip.encoder_blocks()["image"]
     with torch.no_grad():
         y0 = tiny_clip.features(x)
-        prompt_slots(tiny_clip, [0, 1])
+        prefix_slots(tiny_clip, [0, 1])
         assert torch.equal(tiny_clip.features(x), y0)
         # a LoRA-aware attention (LoRA attached before or after the slot) keeps its own forward
         attach_mha(blocks[1].attn, {"v": (128, 192)})
         y1 = tiny_clip.features(x)
         attach_mha(tiny_clip.encoder_blocks()["text"][0].attn, {"q": (0, 48)})
-        prompt_slots(tiny_clip, [0, 1])
+        prefix_slots(tiny_clip, [0, 1])
         assert torch.equal(tiny_clip.features(x), y1)
 
 
 def test_timm_prefix_adds_half_keys_and_values_only(tiny_vit, monkeypatch):
     torch.manual_seed(0)
-    attn = attach_prefix(tiny_vit.blocks[0].attn)
+    attn = patch_attention(tiny_vit.blocks[0].attn)
     layer = attach_linear(attn.qkv, {"k": (48, 96)})  # a LoRA branch on k: the prefix path must use the hook
-    layer.add_branch("k", torch.randn(2, 48), torch.randn(48, 2))
+    layer.add("k", Branch(torch.randn(2, 48), torch.randn(48, 2)), "task0")
     x = torch.randn(2, 5, 48)
     prompt = torch.randn(2, 6, 48)  # L = 6: 3 key tokens, 3 value tokens
-    pk, pv = split_prefix(prompt)
-    assert pk.shape == pv.shape == (2, 3, 48)
+    prefix = split_prefix(prompt)
+    pk, pv = prefix.keys, prefix.values
+    assert pk.shape == pv.shape == (2, 3, 48) and prefix.mode == "concat"
     torch.testing.assert_close(torch.cat([pk, pv], 1), prompt)
     seen = _spy_sdpa(monkeypatch)
-    with torch.no_grad(), prefixed({0: attn}, {0: (pk, pv)}):
+    with torch.no_grad(), prefixed({0: attn}, {0: prefix}):
         y = attn(x)
     assert seen == [((2, 3, 5, 16), (2, 3, 8, 16), (2, 3, 8, 16))]  # queries: the 5 tokens; keys, values: 3 + 5
     q, k, v = attn.qkv(x).detach().chunk(3, -1)
@@ -98,11 +99,12 @@ def test_timm_prefix_adds_half_keys_and_values_only(tiny_vit, monkeypatch):
 
 def test_open_clip_prefix_adds_half_keys_and_values_only(tiny_clip, monkeypatch):
     torch.manual_seed(0)
-    attn = prompt_slots(tiny_clip, [0])[0]
+    attn = prefix_slots(tiny_clip, [0])[0]
     x = torch.randn(2, 5, 64)
-    pk, pv = split_prefix(torch.randn(2, 8, 64))
+    prefix = split_prefix(torch.randn(2, 8, 64))
+    pk, pv = prefix.keys, prefix.values
     seen = _spy_sdpa(monkeypatch)
-    with torch.no_grad(), prefixed({0: attn}, {0: (pk, pv)}):
+    with torch.no_grad(), prefixed({0: attn}, {0: prefix}):
         y = attn(x, x, x, need_weights=False)[0]
     assert [s[1][2] for s in seen] == [4 + 5] and seen[0][0][2] == 5
     with torch.no_grad():
@@ -110,7 +112,7 @@ def test_open_clip_prefix_adds_half_keys_and_values_only(tiny_clip, monkeypatch)
         torch.testing.assert_close(y, attn.out_proj(_attention_by_hand(q, k, v, pk, pv, attn.num_heads)))
         # a causal-style mask over the tokens: the prefix keys stay visible to every query
         mask = torch.full((5, 5), float("-inf")).triu(1)
-        with prefixed({0: attn}, {0: (pk, pv)}):
+        with prefixed({0: attn}, {0: prefix}):
             ym = attn(x, x, x, need_weights=False, attn_mask=mask)[0]
         s = attn.in_proj_weight.shape[0] // 3
         assert ym.shape == y.shape and torch.isfinite(ym).all() and s == 64
@@ -170,10 +172,11 @@ def test_query_memo_reuses_test_queries_and_never_training_ones(tiny_vit):
         m.query(bb, x)  # training mode (dropout, augmentation): never from the memo
         assert bb.calls == 3
         bb.eval()
-        with m.memo_suspended():  # a cold evaluation: computed, and not kept
-            assert torch.equal(m.query(bb, x), q) and bb.calls == 4
-            m.query(bb, x)
-            assert bb.calls == 5
+        memo, m.memo = m.memo, QueryMemo(0)  # a cold evaluation (the bench's): computed, and not kept
+        assert torch.equal(m.query(bb, x), q) and bb.calls == 4
+        m.query(bb, x)
+        assert bb.calls == 5
+        m.memo = memo
         assert torch.equal(m.query(bb, x), q) and bb.calls == 5  # the entries held before are still there
     m.query(bb, x)  # autograd on: a training step
     assert bb.calls == 6
@@ -198,7 +201,7 @@ def test_coda_new_components_orthonormal_and_earlier_frozen():
     m.begin(1)
     prefixes, loss = m.prefixes(torch.randn(3, 10))
     assert loss is None  # orthogonality weight 0 by default
-    (prefixes[0][0].sum() + prefixes[0][1].square().sum()).backward()
+    (prefixes[0].keys.sum() + prefixes[0].values.square().sum()).backward()
     comp = m.components[0]
     for X in (comp.P, comp.K, comp.A):
         assert X[0].grad is None and X[1].grad is not None and X[1].grad.abs().sum() > 0
@@ -248,8 +251,8 @@ def test_dualprompt_trains_its_task_prompt_and_picks_top1_at_test(tmp_path):
         p.end()
         test, _ = p.prefixes(q)
     e = p.e[0]
-    torch.testing.assert_close(train[2][0], split_prefix(e[1].expand(4, -1, -1))[0])
-    assert torch.equal(test[2][0][0], split_prefix(e[1][None])[0][0])  # sample 0's query is key 1
+    torch.testing.assert_close(train[2].keys, split_prefix(e[1].expand(4, -1, -1)).keys)
+    assert torch.equal(test[2].keys[0], split_prefix(e[1][None]).keys[0])  # sample 0's query is key 1
 
 
 @pytest.mark.shared

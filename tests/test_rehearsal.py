@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from loracl.checkpoint import load as load_checkpoint
-from loracl.config import load_config
-from loracl.memory import EpisodicMemory, balanced_quota
+from loracl.runs.statefile import load as load_checkpoint
+from loracl.runs.assembly import load_config
+from loracl.cl.memory import EpisodicMemory, balanced_quota
 from loracl.methods.agem import agem_project
 from test_task_arithmetic import needs_data, tiny_sets
 
@@ -16,7 +16,7 @@ def _quiet():
 
 
 def _runner(tmp_path, method, sets=()):
-    from loracl.train import Runner
+    from loracl.runs.runner import Runner
 
     cfg = load_config(preset="cifar10-mini-5", method=method, sets=tiny_sets() + list(sets))
     return Runner(cfg, tmp_path, progress=False, log=_quiet())
@@ -100,7 +100,7 @@ def test_agem_projection():
 @needs_data
 @pytest.mark.parametrize("share,n_new,n_mem", [(0.5, 16, 16), (0.25, 12, 4), (0.2, 16, 4), (0.0, 16, 0)])
 def test_er_batches_hold_the_configured_share_of_memory(tmp_path, share, n_new, n_mem):
-    from loracl.methods import Batch
+    from loracl.engine import Batch
 
     run = _runner(tmp_path, "er", [f"method.replay_share={share}"])
     m = run.method
@@ -125,7 +125,7 @@ def test_er_batches_hold_the_configured_share_of_memory(tmp_path, share, n_new, 
 
 @needs_data
 def test_er_reservoir_run_resumes_mid_task_exactly(tmp_path):
-    from loracl.train import Runner
+    from loracl.runs.runner import Runner
 
     sets = tiny_sets(train=12, test=5) + ["method.policy=reservoir", "method.memory_size=8",
                                           "train.max_steps_per_epoch=null", "train.checkpoint_every=1",
@@ -162,8 +162,8 @@ def _stop_after_steps(run, task, steps):
     """Run until `steps` training steps of `task` are done (each checkpointed), then stop as a crash would."""
     orig = run.checkpoints.save_step
 
-    def save_and_maybe_stop(t, opt, sched, scaler, epoch, batch, step):
-        orig(t, opt, sched, scaler, epoch, batch, step)
+    def save_and_maybe_stop(t, opt, sched, scaler, epoch, batch, step, method):
+        orig(t, opt, sched, scaler, epoch, batch, step, method)
         if t.index == task and step >= steps:
             raise _Stop
 
@@ -175,7 +175,7 @@ def _stop_after_steps(run, task, steps):
 
 @needs_data
 def test_agem_and_joint_full_runs(tmp_path):
-    from loracl.train import Runner
+    from loracl.runs.runner import Runner
 
     cfg = load_config(preset="cifar10-mini-5", method="agem",
                       sets=tiny_sets(train=12, test=5) + ["method.patterns_per_task=6", "method.sample_size=4",
@@ -222,13 +222,13 @@ def test_memory_batches_through_the_tensor_pipeline_match_pil(tmp_path, method):
         mem = run.method.memory
         if rows is None:  # rows from both tasks, out of order
             rows = np.array([mem.offsets[1] + 5, mem.offsets[0] + 1, mem.offsets[1] + 7, mem.offsets[0] + 3])
-        got[p] = run.method.memory_batch(rows)
+        got[p] = run.services.memory_batch(mem, rows)
     assert torch.equal(got["tensor"].y, got["pil"].y)
     assert torch.allclose(got["tensor"].x, got["pil"].x, atol=1e-6)
-    assert runs["tensor"].method.memory.gather(rows, runs["tensor"].services.decoded_rows) is not None
-    assert runs["pil"].method.memory.gather(rows, runs["pil"].services.decoded_rows) is None
+    assert runs["tensor"].method.memory.gather(rows, runs["tensor"].data.decoded_rows) is not None
+    assert runs["pil"].method.memory.gather(rows, runs["pil"].data.decoded_rows) is None
     # a process's share equals its slice of the whole batch
-    part = runs["tensor"].method.memory_batch(rows, keep=slice(1, 3))
+    part = runs["tensor"].services.memory_batch(runs["tensor"].method.memory, rows, keep=slice(1, 3))
     assert torch.equal(part.y, got["tensor"].y[1:3])
 
 
@@ -238,5 +238,5 @@ def test_an_empty_share_of_the_memory_is_an_empty_batch(tmp_path):
     shape, not a crash."""
     run = _runner(tmp_path, "er")
     run.method.setup()
-    b = run.method.memory_batch(np.array([3], dtype=np.int64), keep=slice(1, 1))
+    b = run.services.memory_batch(run.method.memory, np.array([3], dtype=np.int64), keep=slice(1, 1))
     assert b.x.shape == (0, 3, 32, 32) and b.y.shape == (0,)

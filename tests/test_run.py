@@ -3,13 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from conftest import interrupted_at_step_checkpoint, smoke_sets
 from loracl.cli import main
 from loracl.methods import register
 from loracl.methods.baselines import SeqLoRA
-from loracl.train import Runner
 
 pytestmark = pytest.mark.shared
 
@@ -108,8 +106,8 @@ class NaNAtStep(SeqLoRA):
     name = "test-nan"
     steps = 0
 
-    def loss(self, batch, task):
-        loss = super().loss(batch, task)
+    def loss(self, net, batch, task):
+        loss = super().loss(net, batch, task)
         if task.index == 1:
             NaNAtStep.steps += 1
             if NaNAtStep.steps == 3:
@@ -214,3 +212,18 @@ def test_demo_runs_on_the_bundled_assets_and_prints_the_table(tmp_path, capsys):
     assert "| demo-cifar100-20 | inflora-ca | 0 |" in out and "| demo-cifar100-20 | seq-lora | 0 |" in out
     assert (tmp_path / "demo" / "comparison.md").exists() and (tmp_path / "demo" / "inflora-ca" / "seed0" / "report.html").exists()
     assert main(args) == 0 and "already done" in capsys.readouterr().out  # a second call reuses finished runs
+
+
+@pytest.mark.parametrize("preset,method,sets,words", [
+    # a per-task list shorter than the benchmark: refused before task 0 trains, not after it
+    ("cifar100-mini", "seq-lora", ["benchmark.num_tasks=2", "train.epochs=[1]"], ["train.epochs", "2 tasks"]),
+    # what a method declares it runs on (task arithmetic needs tasks with their own classes)
+    ("pacs-domains", "ta-lora", [], ["ta-lora", "domain-incremental"]),
+    # a LoRA target no backbone has
+    ("cifar100-mini", "seq-lora", ["method.targets=[foo]"], ["foo", "method.targets"]),
+])
+def test_what_cannot_run_stops_before_training_in_one_line(tmp_path, capsys, preset, method, sets, words):
+    rc, out = run(tmp_path, preset=preset, method=method, sets=smoke_sets() + sets)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and all(w in err[0] for w in words), err
+    assert not (out / "checkpoints").exists()

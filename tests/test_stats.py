@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from loracl.models.lora import LoRALayer
-from loracl.stats import SecondMoment, forward_until, layer_input_moments
+from loracl.cl.statistics import SecondMoment, forward_until, layer_input_moments
 
 
 def _tokens(n=37, t=5, d=6, seed=0):

@@ -7,7 +7,7 @@ singular values) is lam^2 and the expected kept directions are columns of Q.
 import pytest
 import torch
 
-from loracl.subspace import (DualGPM, dualgpm_retain_update, dualgpm_threshold, energy_rank, gpm_extend,
+from loracl.cl.subspace import (DualGPM, dualgpm_retain_update, dualgpm_threshold, energy_rank, gpm_extend,
                              orthogonal_complement)
 
 D = 8

@@ -1,14 +1,12 @@
 """Task arithmetic with LoRA: task vectors as factors, the combination, memory fine-tuning, resume."""
 
-import json
-import shutil
 
 import pytest
 import torch
 
-from loracl.checkpoint import load as load_checkpoint
-from loracl.config import load_config
-from loracl.task_vectors import (LowRankDelta, combine, combine_dense, combined_delta, resolve_lambda,
+from loracl.runs.statefile import load as load_checkpoint
+from loracl.runs.assembly import load_config
+from loracl.cl.task_vectors import (LowRankDelta, combine, combine_dense, combined_delta, resolve_lambda,
                                  task_vector, task_vector_of_branches)
 
 from conftest import DATA, smoke_sets
@@ -62,12 +60,13 @@ def test_merging_from_factors_equals_merging_from_full_differences(tiny_vit):
     pre = {s.name: s.weight().detach().clone() for s in ad.sites}
     g = torch.Generator().manual_seed(1)
     taus, vecs = [], []
-    for _ in range(3):
+    for t in range(3):
         for s in ad.sites:
-            s.add_branch(torch.randn(4, s.d_in, generator=g) * 0.1, torch.randn(s.d_out, 4, generator=g) * 0.1, 1.0)
-        vecs.append(task_vector_of_branches(ad.sites))
+            s.add_lora(torch.randn(4, s.d_in, generator=g) * 0.1, torch.randn(s.d_out, 4, generator=g) * 0.1,
+                       tag=f"task{t}")
+        vecs.append(task_vector_of_branches(ad.sites, f"task{t}"))
         for s in ad.sites:
-            s.merge(0)
+            s.merge(f"task{t}")
         taus.append(task_vector({s.name: s.weight().detach().clone() for s in ad.sites}, pre))
         with torch.no_grad():
             for s in ad.sites:
@@ -102,7 +101,7 @@ def test_feature_kl_direction_and_reduction():
 
 
 def _runner(tmp_path, method="ta-lora", sets=()):
-    from loracl.train import Runner
+    from loracl.runs.runner import Runner
 
     cfg = load_config(preset="cifar10-mini-5", method=method, sets=tiny_sets() + list(sets))
     return Runner(cfg, tmp_path, progress=False, log=lambda *a, **k: None)
@@ -137,7 +136,7 @@ def test_method_forms_the_combination_from_stored_factors(tmp_path):
     ["method.memory_train=lora", "method.kl_weight=0.4", "method.lam=[0.25, 1/N]"],
 ])
 def test_ta_lora_run_fills_the_matrix_counts_memory_flops_and_resumes(tmp_path, variant):
-    from loracl.train import Runner
+    from loracl.runs.runner import Runner
 
     sets = tiny_sets(train=12, test=5) + ["method.memory_per_class=3", "method.memory_epochs=1",
                                           "train.max_steps_per_epoch=null"] + variant
@@ -187,7 +186,7 @@ def test_ta_lora_run_fills_the_matrix_counts_memory_flops_and_resumes(tmp_path, 
 
 def run_targets(cfg, rows):
     from loracl.data.scenarios import build_scenario
-    from loracl.memory import EpisodicMemory
+    from loracl.cl.memory import EpisodicMemory
 
     mem = EpisodicMemory(build_scenario(cfg.benchmark, cfg.seed).tasks)
     return mem.pool.targets[rows]
@@ -202,9 +201,9 @@ def test_presets_of_the_paper_load():
             assert cfg.data.batch_size == 32
     cfg = load_config(preset="ta-lora-cifar10")
     assert cfg.benchmark.num_tasks == 5 and cfg.benchmark.class_order == "fixed"
-    assert cfg.method["rank"] == 16 and cfg.method["alpha"] == 16 and cfg.method["targets"] == ["q", "v"]
-    assert cfg.method["lam"] == 0.25 and cfg.method["memory_per_class"] == 10
-    assert load_config(preset="ta-lora-cifar10", method="er").method["memory_size"] == 200
-    assert load_config(preset="ta-lora-cifar10", method="agem").method["patterns_per_task"] == 100
+    assert cfg.method.rank == 16 and cfg.method.alpha == 16 and cfg.method.targets == ["q", "v"]
+    assert cfg.method.lam == 0.25 and cfg.method.memory_per_class == 10
+    assert load_config(preset="ta-lora-cifar10", method="er").method.memory_size == 200
+    assert load_config(preset="ta-lora-cifar10", method="agem").method.patterns_per_task == 100
     assert load_config(preset="ta-lora-flowers").train.epochs == 30
 

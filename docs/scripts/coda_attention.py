@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from loracl.checkpoint import load as load_checkpoint
-from loracl.config import load_config
+from loracl.runs.statefile import load as load_checkpoint
+from loracl.runs.assembly import load_config
 from loracl.methods.coda_prompt import component_weights
-from loracl.train import Runner
+from loracl.runs.runner import Runner
 
 
 @torch.no_grad()

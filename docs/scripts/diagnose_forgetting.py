@@ -10,9 +10,9 @@ import json
 import sys
 from pathlib import Path
 import torch
-from loracl.checkpoint import load
-from loracl.config import load_config
-from loracl.train import Runner
+from loracl.runs.statefile import load
+from loracl.runs.assembly import load_config
+from loracl.runs.runner import Runner
 
 run_dir = Path(sys.argv[1])
 torch.set_num_threads(1)
@@ -21,21 +21,21 @@ r = Runner(cfg, "/tmp/diag-unused", progress=False, log=lambda *a, **k: None)
 r.method.setup()
 T = len(r.scenario)
 cks = sorted((run_dir / "checkpoints").glob("task_*.pt"))
-joint = r.method.joint
+joint = r.caps.joint
 ref_feats = {}
 out = {"task_aware": [], "class_inc": [], "feature_cos": []}
 for ck in cks:
     j = int(ck.stem.split("_")[1])
-    r._load_model_state(load(ck))
+    r.checkpoints.load_model_state(load(ck))
     r.model.eval()
-    seen = r.class_tensor(r.scenario.seen_classes(j))
+    seen = r.data.classes.tensor(r.scenario.seen_classes(j))
     ta, ci, cs = [], [], []
     for i in range(j + 1):
         task = r.scenario.tasks[i]
-        own = r.class_tensor(task.class_ids)
+        own = r.data.classes.tensor(task.class_ids)
         feats, ys = [], []
         with torch.no_grad():
-            for x, y in r.eval_batches(task.test):
+            for x, y in r.data.eval_batches(task.test):
                 feats.append(r.model.features(x)); ys.append(y)
         f, y = torch.cat(feats), torch.cat(ys)
         with torch.no_grad():

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from loracl.config import load_config
+from loracl.runs.assembly import load_config
 from loracl.data.synthetic import synthetic_scenario
-from loracl.train import Runner
+from loracl.runs.runner import Runner
 
 
 def main() -> None:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from loracl.flops import FlopMeter
-from loracl.methods.baselines import kaiming_down
+from loracl.config import BackboneConfig
+from loracl.engine.flops import FlopMeter
+from loracl.methods.base import LoRAOptions
 from loracl.methods.ta_lora import feature_kl
 from loracl.models.backbones import create_backbone
 from loracl.models.heads import LinearHead
 from loracl.models.model import ContinualModel
-from loracl.config import BackboneConfig
 
 B = 2
 torch.manual_seed(0)
@@ -42,9 +42,8 @@ def per_sample(fn) -> float:
 cost = {}
 with torch.no_grad():
     cost["fwd"] = per_sample(lambda: model(x, ids))
-model.inject_lora(["q", "v"])
-for s in model.adapter.sites:
-    s.add_branch(kaiming_down(16, s.d_in), torch.zeros(s.d_out, 16), 1.0)
+model.inject_lora(LoRAOptions(rank=16, targets=["q", "v"]))
+model.adapter.add_fresh(16, 1.0, "task0")  # PEFT's init: kaiming-uniform down, zero up
 model.set_trainable("lora+head")
 cost["lora"] = per_sample(lambda: ce(model(x, ids), y).backward())
 

@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..errors import DataError
 
+
 class ImageSource:
     name: str
 
@@ -163,8 +164,9 @@ class ImageSet:
 @dataclass
 class DatasetSplits:
     name: str
-    class_names: list[str]
+    class_names: list[str]  # as prompts and reports name them (MTIL's: underscores as spaces, ...)
     train: ImageSet
     test: ImageSet
     template: str | None = None
     templates: list[str] | None = None
+    class_keys: list[str] | None = None  # as the data names them (folder names) where they differ

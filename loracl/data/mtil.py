@@ -23,8 +23,18 @@ import numpy as np
 
 from ..config import DatasetSpec
 from ..errors import DataError
-from .datasets import (LOADERS, DatasetSplits, FileSource, ImageSet, ImageSource, TorchvisionSource,
-                       dataset_targets, random_split, register, torchvision_errors, torchvision_splits)
+from .datasets import (
+    DatasetSplits,
+    FileSource,
+    ImageSet,
+    ImageSource,
+    TorchvisionSource,
+    dataset_targets,
+    random_split,
+    torchvision_errors,
+    torchvision_splits,
+)
+from .registry import LOADERS, register
 
 MTIL_ORDER_I = ["aircraft", "caltech101", "cifar100", "dtd", "eurosat", "flowers102", "food101", "mnist",
                 "oxford_pets", "stanford_cars", "sun397"]
@@ -129,6 +139,7 @@ def _finish(ds: DatasetSplits, key: str) -> DatasetSplits:
     if len(names) != len(ds.class_names):
         raise DataError(f"dataset '{ds.name}' has {len(ds.class_names)} classes on disk, MTIL's {key} has "
                         f"{len(names)}: the copy under its root is incomplete")
+    ds.class_keys = ds.class_keys or list(ds.class_names)  # predict names classes as the data does
     ds.class_names = list(names)
     ds.templates = list(TEMPLATES[key])
     ds.template = ds.templates[0]

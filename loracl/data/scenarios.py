@@ -17,7 +17,8 @@ import numpy as np
 
 from ..config import BenchmarkConfig
 from ..errors import ConfigError, DataError
-from .datasets import DatasetSplits, ImageSet, load_dataset
+from .images import DatasetSplits, ImageSet
+from .registry import load_dataset
 
 DEFAULT_TEMPLATE = "a photo of a {c}."
 
@@ -32,10 +33,14 @@ class Task:
     test: ImageSet
     templates: list[str] = field(default_factory=lambda: [DEFAULT_TEMPLATE])
     dataset: str = ""
+    class_keys: list[str] | None = None  # the classes as the data names them, where that differs from the names
 
     def summary(self) -> dict:
-        return {"name": self.name, "dataset": self.dataset, "class_ids": self.class_ids,
-                "class_names": self.class_names, "train_size": len(self.train), "test_size": len(self.test)}
+        out = {"name": self.name, "dataset": self.dataset, "class_ids": self.class_ids,
+               "class_names": self.class_names, "train_size": len(self.train), "test_size": len(self.test)}
+        if self.class_keys is not None and self.class_keys != self.class_names:
+            out["class_keys"] = self.class_keys
+        return out
 
 
 @dataclass
@@ -114,7 +119,7 @@ def _remap(s: ImageSet, table: np.ndarray) -> ImageSet:
 def _checked(sc: Scenario) -> Scenario:
     """Tasks that would train or test on nothing stop the run before it starts; classes without training
     images are reported by name."""
-    from .datasets import note
+    from .images import note
 
     for t in sc.tasks:
         if not t.class_ids:
@@ -145,13 +150,14 @@ def build_scenario(cfg: BenchmarkConfig, seed: int) -> Scenario:
         table[order] = np.arange(len(order))
         train, test = _remap(ds.train, table), _remap(ds.test, table)
         names = [ds.class_names[k] for k in order]
+        keys = [(ds.class_keys or ds.class_names)[k] for k in order]
         tasks, start = [], 0
         for t, n in enumerate(sizes):
             ids = list(range(start, start + n))
             tr = train.subset(np.nonzero((train.targets >= start) & (train.targets < start + n))[0])
             te = test.subset(np.nonzero((test.targets >= start) & (test.targets < start + n))[0])
             tasks.append(Task(t, f"task{t}", ids, names[start:start + n], tr, te,
-                              _templates(ds, spec.template), ds.name))
+                              _templates(ds, spec.template), ds.name, keys[start:start + n]))
             start += n
         return _checked(Scenario(kind, cfg.name, tasks, names))
 
@@ -165,7 +171,7 @@ def build_scenario(cfg: BenchmarkConfig, seed: int) -> Scenario:
                 raise DataError(f"domain-incremental: classes of '{spec.label or ds.name}' differ from the "
                                 f"first domain's ({ds.class_names[:3]}... vs {names[:3]}...)")
             tasks.append(Task(t, spec.label or ds.name, list(range(len(names))), names, ds.train, ds.test,
-                              _templates(ds, spec.template), ds.name))
+                              _templates(ds, spec.template), ds.name, ds.class_keys))
         return _checked(Scenario(kind, cfg.name, tasks, names))
 
     # cross-dataset
@@ -177,7 +183,7 @@ def build_scenario(cfg: BenchmarkConfig, seed: int) -> Scenario:
         tr = ds.train.with_targets(ds.train.targets + offset)
         te = ds.test.with_targets(ds.test.targets + offset)
         tasks.append(Task(t, spec.label or ds.name, ids, list(ds.class_names), tr, te,
-                          _templates(ds, spec.template), ds.name))
+                          _templates(ds, spec.template), ds.name, ds.class_keys))
         names.extend(ds.class_names)
         offset += n
     return _checked(Scenario(kind, cfg.name, tasks, names))

@@ -3,7 +3,8 @@
 A task checkpoint holds the model tensors that differ from the pretrained model, the model's structure
 (branches, head chunks, owned modules), the method's state and the results so far. A step checkpoint adds
 the optimiser, scheduler, scaler, RNG and cost so far; it is removed once its task is done. Only rank 0
-writes.
+writes. The manager holds the model and the record; whatever else a checkpoint holds (the method's state, other
+stateful steps of the run) is handed to it by the runner.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from pathlib import Path
 import torch
 
 from .. import dist
-from ..checkpoint import atomic_save, changed_state, digests, load, nonfinite
-from ..errors import CheckpointError, LoraclError, TrainingDiverged
+from ..errors import CheckpointError, TrainingDiverged
 from ..models.model import ContinualModel
+from ..runs.statefile import atomic_save, changed_state, digests, load, nonfinite
 from .record import RunRecord
 
 
@@ -23,35 +24,40 @@ class CheckpointManager:
     def __init__(self, out: Path, model: ContinualModel, record: RunRecord, device: torch.device, log=print):
         self.dir = Path(out) / "checkpoints"
         self.model, self.record, self.device, self.log = model, record, device, log
-        self.method = None  # set by the runner once the method exists
-        self.components: dict = {}  # other stateful steps of the run (classifier alignment), by name
         self.base_digests = digests(model)  # the pretrained model, before any method touched it
 
     def model_state(self) -> dict:
         return {"structure": self.model.structure(), "model": changed_state(self.model, self.base_digests)}
 
-    def load_model_state(self, state: dict) -> None:
-        self.model.rebuild(state["structure"])
-        self.model.to(self.device)
-        missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+    def load_model_state(self, state: dict, where: str = "the checkpoint") -> None:
+        """The model as a checkpoint holds it: its structure rebuilt, then its changed tensors loaded. A checkpoint
+        of another model (another method, architecture or LoRA layout) is refused in one line, not a traceback."""
+        try:
+            self.model.rebuild(state["structure"])
+            self.model.to(self.device)
+            missing, unexpected = self.model.load_state_dict(state["model"], strict=False)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise CheckpointError(f"{where} does not fit this run's model (its config: method, backbone, LoRA "
+                                  f"settings): {first}") from None
         if unexpected:
-            raise LoraclError(f"checkpoint does not fit this model (unexpected keys {unexpected[:3]}...)")
+            raise CheckpointError(f"{where} does not fit this run's model (unexpected keys {unexpected[:3]})")
 
-    def save_task(self, task_index: int) -> None:
+    def save_task(self, task_index: int, method: dict, components: dict) -> None:
+        """After a task: the model, the method's state, the other stateful steps' (`components`, by name)."""
         if not dist.is_main():
             return
-        state = {"task": task_index, **self.model_state(), "method": self.method.state_dict(),
-                 "results": self.record.results,
-                 "components": {k: c.state_dict() for k, c in self.components.items()}}
+        state = {"task": task_index, **self.model_state(), "method": method, "results": self.record.results,
+                 "components": components}
         self._save_good(state, self.dir / f"task_{task_index:02d}.pt", f"after task {task_index}")
         self.drop_step()
 
-    def save_step(self, task, opt, sched, scaler, epoch, batch, step) -> None:
+    def save_step(self, task, opt, sched, scaler, epoch, batch, step, method: dict) -> None:
         if not dist.is_main():
             return
         state = {"task": task.index, "epoch": epoch, "batch": batch, "step": step, **self.model_state(),
                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": torch.get_rng_state(), "method": self.method.state_dict(), **self.record.step_state()}
+                 "rng": torch.get_rng_state(), "method": method, **self.record.step_state()}
         self._save_good(state, self.dir / "step.pt", f"at step {step} of task {task.index}")
 
     def _save_good(self, state: dict, path: Path, when: str) -> None:
@@ -74,9 +80,11 @@ class CheckpointManager:
         tasks = sorted(self.dir.glob("task_*.pt"))
         return str(tasks[-1]) if tasks else None
 
-    def restore(self) -> tuple[int, dict | None]:
-        """Load the newest readable task checkpoint (and a later step checkpoint); returns (first task to run,
-        step state). An unreadable checkpoint (truncated, foreign) is passed over, and the log says so."""
+    def restore(self) -> tuple[int, dict | None, dict | None]:
+        """Load the model and results of the newest readable task checkpoint, and find a later step checkpoint;
+        returns (first task to run, the task checkpoint's state or None, the step state or None): the runner
+        gives the method and components their parts. An unreadable checkpoint (truncated, foreign) is passed
+        over, and the log says so."""
         start, state, path = 0, None, None
         for path in sorted(self.dir.glob("task_*.pt"), reverse=True):
             try:
@@ -85,10 +93,7 @@ class CheckpointManager:
             except CheckpointError as e:
                 self.log(f"{e}; falling back to an earlier checkpoint")
         if state is not None:
-            self.load_model_state(state)
-            self.method.load_state_dict(state["method"])
-            for k, c in self.components.items():
-                c.load_state_dict(state.get("components", {})[k])
+            self.load_model_state(state, str(path))
             self.record.results = state["results"]
             start = state["task"] + 1
             self.log(f"resuming after task {start} from {path}")
@@ -105,11 +110,10 @@ class CheckpointManager:
                          f"from {self.dir / 'step.pt'}")
         if start == 0 and step_state is None:
             self.log("nothing to resume: starting from the beginning")
-        return start, step_state
+        return start, state, step_state
 
     def resume_task(self, state: dict) -> None:
-        """Mid-task resume, after the task's `begin_task` re-ran: the model, method and cost at the step."""
-        self.load_model_state(state)
-        if "method" in state:  # state a method changes during training (a reservoir memory)
-            self.method.load_state_dict(state["method"])
+        """Mid-task resume, after the task's `begin_task` re-ran: the model and the cost at the step (the runner
+        gives the method its state)."""
+        self.load_model_state(state, str(self.dir / "step.pt"))
         self.record.load_step_state(state)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -12,16 +14,47 @@ from ..data.scenarios import Scenario, Task
 from ..data.transforms import build_transforms, crop_fraction
 
 
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor  # global class ids
+    rows: torch.Tensor  # row of each sample in its ImageSet (-1: not from it, e.g. a replayed sample)
+
+
+class ClassIds:
+    """Global class ids as the device tensors a step needs: the classes a task's loss runs over, any list of ids,
+    and the logits' column of each target. Tables are sized on the host: no device sync inside a step."""
+
+    def __init__(self, scenario: Scenario, device: torch.device, loss_scope: str, joint: bool):
+        self.scenario, self.device, self.loss_scope, self.joint = scenario, device, loss_scope, joint
+        self._train: dict[int, torch.Tensor] = {}
+
+    def train(self, task: Task) -> torch.Tensor:
+        """The classes the task's loss runs over (`train.loss_scope`; a joint run: all of them)."""
+        if task.index not in self._train:
+            ids = task.class_ids if self.joint else self.scenario.train_classes(task.index, self.loss_scope)
+            self._train[task.index] = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return self._train[task.index]
+
+    def tensor(self, ids) -> torch.Tensor:
+        return torch.as_tensor(list(ids), dtype=torch.long, device=self.device)
+
+    def columns(self, y: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
+        """Positions of the global ids `y` within `class_ids` (the logits' columns; -1 for an id not among them)."""
+        lut = torch.full((len(self.scenario.class_names),), -1, dtype=torch.long, device=class_ids.device)
+        lut[class_ids] = torch.arange(len(class_ids), device=class_ids.device)
+        return lut[y]
+
+
 class DataService:
     def __init__(self, cfg: RunConfig, device: torch.device, scenario: Scenario, data_config: dict, *,
                  joint: bool, log=print):
         self.cfg, self.device, self.scenario, self.log = cfg, device, scenario, log
         self.data_config = data_config
-        self.joint = joint
+        self.classes = ClassIds(scenario, device, cfg.train.loss_scope, joint)
         self.train_tf, self.test_tf = build_transforms(cfg.data, data_config)
         p = cfg.data.pipeline
         self.tensor_pipeline = p == "tensor" or (p == "auto" and device.type == "cuda")
-        self._train_classes: dict[int, torch.Tensor] = {}
         self._decoded_sets: dict = {}
         self._eval_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._eval_cache_bytes = 0
@@ -32,24 +65,6 @@ class DataService:
             self._augment = {True: BatchAugment(cfg.data.train_augment, data_config["size"], pct, self.train_tf,
                                                 cfg.data.rrc_scale),
                              False: BatchAugment("none", data_config["size"], pct, self.test_tf)}
-
-    # ---- class ids -----------------------------------------------------------------------------------
-    def train_classes(self, task: Task) -> torch.Tensor:
-        if task.index not in self._train_classes:
-            ids = task.class_ids if self.joint else self.scenario.train_classes(task.index,
-                                                                                self.cfg.train.loss_scope)
-            self._train_classes[task.index] = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return self._train_classes[task.index]
-
-    def class_tensor(self, ids) -> torch.Tensor:
-        return torch.as_tensor(list(ids), dtype=torch.long, device=self.device)
-
-    def columns(self, y: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        """Positions of the global ids `y` within `class_ids` (the logits' columns; -1 for an id not among
-        them). The table spans the scenario's classes, a size known on the host: no device sync in a step."""
-        lut = torch.full((len(self.scenario.class_names),), -1, dtype=torch.long, device=class_ids.device)
-        lut[class_ids] = torch.arange(len(class_ids), device=class_ids.device)
-        return lut[y]
 
     # ---- images --------------------------------------------------------------------------------------
     def prepare(self, x: torch.Tensor, train: bool) -> torch.Tensor:
@@ -103,6 +118,32 @@ class DataService:
             # parameters drawn for the global batch, this process's positions taken: as on one process
             x = self.augment(dec.rows(rows).to(self.device, non_blocking=True), train, gen, lo, total)
             yield x, dec.targets[rows].to(self.device, non_blocking=True), rows
+
+    def view(self, name: str) -> bool:
+        """Whether a pass with view `name` sees training transforms: "train", "test", or "stats" (the statistics
+        and feature passes: `data.stats_augment`)."""
+        if name not in ("train", "test", "stats"):
+            raise ValueError(f"unknown view '{name}' (train, test or stats)")
+        return name == "train" or (name == "stats" and self.cfg.data.stats_augment)
+
+    def memory_batch(self, memory, rows: np.ndarray, keep: slice = slice(None)) -> Batch:
+        """Rows `rows[keep]` of an episodic memory's pool as a training batch, with training views. With the tensor
+        pipeline they come from the decoded copies on the device and are augmented there, as positions of the
+        batch `rows` with one seed drawn alike in every process; otherwise PIL, one seed per sample."""
+        mine = range(len(rows))[keep]
+        if not len(mine):  # fewer memory rows than processes: this one holds none
+            s = self.data_config["size"]
+            empty = torch.zeros(0, 3, s, s, dtype=torch.uint8)
+            return Batch(self.prepare(empty, True), torch.zeros(0, dtype=torch.long, device=self.device),
+                         torch.as_tensor(rows[keep]))
+        u8 = memory.gather(rows[keep], self.decoded_rows)
+        if u8 is not None:
+            gen = torch.Generator().manual_seed(int(torch.randint(2 ** 62, (1,))))
+            x = self.augment(u8, True, gen, mine.start, len(rows))
+            y = torch.as_tensor(memory.pool.targets[rows[keep]], dtype=torch.long, device=self.device)
+            return Batch(x, y, torch.as_tensor(rows[keep]))
+        x, y = memory.load(rows, self.train_tf, keep=keep)
+        return Batch(self.prepare(x, True), y.to(self.device), torch.as_tensor(rows[keep]))
 
     def decoded_rows(self, images: ImageSet, rows) -> torch.Tensor | None:
         """uint8 images `rows` of `images` on the device, from the tensor pipeline's decoded copy of the set;

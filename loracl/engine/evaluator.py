@@ -1,4 +1,8 @@
-"""The evaluator: accuracy rows of the accuracy matrix, the zero-shot row, and pretrained retention."""
+"""The evaluator: accuracy rows of the accuracy matrix, the zero-shot row, pretrained retention and NCM scoring.
+
+It scores with the logits function it is handed (a method's `logits(x, class_ids)`); it never hands a method the
+labels of the images, and hands it the task of the images only for methods that declare they use it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import numpy as np
 import torch
 
 from .. import dist
+from ..cl.statistics import class_feature_statistics, ncm_logits
 from ..config import RunConfig
 from ..data.datasets import ImageSet
 from ..errors import LoraclError
@@ -17,10 +22,11 @@ from .trainer import Precision
 
 
 class Evaluator:
-    def __init__(self, cfg: RunConfig, model: ContinualModel, data: DataService, precision: Precision):
+    def __init__(self, cfg: RunConfig, model: ContinualModel, data: DataService, precision: Precision, *,
+                 task_identity: bool = False):
         self.cfg, self.model, self.data, self.precision = cfg, model, data, precision
         self.scenario = data.scenario
-        self.method = None  # set by the runner once the method exists (its `logits` score the classes)
+        self.task_identity = task_identity  # the method's logits take the images' task (task-incremental methods)
         self._retention = None
 
     @torch.no_grad()
@@ -39,23 +45,28 @@ class Evaluator:
         dist.all_reduce_sum_(total)
         return [round(100.0 * float(c) / max(int(total), 1), 4) for c in correct]
 
-    def accuracy(self, images: ImageSet, class_ids: list[int], own: list[int] | None = None):
-        """Top-1 (%) over `class_ids`; with `own` (a task's classes, a subset of class_ids) also the
-        task-aware top-1 from the same logits restricted to those classes: (acc, task-aware acc)."""
-        ids = self.data.class_tensor(class_ids)
+    def accuracy(self, images: ImageSet, class_ids: list[int], logits, own: list[int] | None = None):
+        """Top-1 (%) of `logits(x, ids)` over `class_ids`; with `own` (a task's classes, a subset of class_ids)
+        also the task-aware top-1 from the same logits restricted to those classes: (acc, task-aware acc)."""
+        classes = self.data.classes
+        ids = classes.tensor(class_ids)
         images = self.data.eval_subset(images)
         if own is None:
-            return self.top1(images, lambda x: (ids[self.method.logits(x, ids).argmax(-1)],))[0]
-        own_ids = self.data.class_tensor(own)
-        cols = self.data.columns(own_ids, ids)
+            return self.top1(images, lambda x: (ids[logits(x, ids).argmax(-1)],))[0]
+        own_ids = classes.tensor(own)
+        cols = classes.columns(own_ids, ids)
 
         def predict(x):
-            logits = self.method.logits(x, ids)
-            return ids[logits.argmax(-1)], own_ids[logits[:, cols].argmax(-1)]
+            out = logits(x, ids)
+            return ids[out.argmax(-1)], own_ids[out[:, cols].argmax(-1)]
 
         return tuple(self.top1(images, predict, k=2))
 
-    def evaluate_row(self, j: int) -> tuple[list, list | None]:
+    def scorer(self, logits, i: int):
+        """The logits function for task i's test images: with the task only for a method that uses it."""
+        return (lambda x, ids: logits(x, ids, task=i)) if self.task_identity else logits
+
+    def evaluate_row(self, j: int, logits) -> tuple[list, list | None]:
         """Accuracies on every task after training task j; in a class-incremental scenario also the
         task-aware ones (the task's own classes only: what is left when the task identity is given)."""
         row, aware = [], []
@@ -65,30 +76,28 @@ class Evaluator:
                 row.append(None)
                 aware.append(None)
             elif self.scenario.kind == "class-incremental" and set(ids) != set(task.class_ids):
-                acc, own = self.accuracy(task.test, ids, own=task.class_ids)
+                acc, own = self.accuracy(task.test, ids, self.scorer(logits, i), own=task.class_ids)
                 row.append(acc)
                 aware.append(own)
             else:
-                row.append(self.accuracy(task.test, ids))
+                row.append(self.accuracy(task.test, ids, self.scorer(logits, i)))
                 aware.append(row[-1])
         return row, (aware if self.scenario.kind == "class-incremental" else None)
 
-    def evaluate_before(self) -> list[float | None] | None:
+    def evaluate_before(self, logits) -> list[float | None] | None:
         """Accuracy of the untrained model on each task where its head can already score it (CLIP zero-shot)."""
         row = []
-        for task in self.scenario.tasks:
+        for i, task in enumerate(self.scenario.tasks):
             ids = task.class_ids
             if self.model.head.knows(ids):
-                row.append(self.accuracy(task.test, ids))
+                row.append(self.accuracy(task.test, ids, self.scorer(logits, i)))
             else:
                 row.append(None)
         return row if any(v is not None for v in row) else None
 
     def ncm_accuracy(self, services, j: int) -> float:
         """`eval.ncm`: top-1 (%) of a nearest-class-mean classifier on the current backbone over the classes
-        seen after task j, its class means from their training images (methods/ncm.py)."""
-        from ..methods.ncm import ncm_accuracy
-
+        seen after task j, its class means from their training images."""
         tasks = self.scenario.tasks[: j + 1]
         ids = self.scenario.seen_classes(j)
         return ncm_accuracy(services, self.model, [t.train for t in tasks],
@@ -131,3 +140,28 @@ def retention_set(root: str, classes_tsv: str | None, per_class: int | None = No
                 for r in rng.permutation(np.nonzero(images.targets == c)[0])[:per_class]]
         images = images.subset(np.sort(np.asarray(rows)))
     return images
+
+
+@torch.no_grad()
+def ncm_accuracy(run, model, train_sets, test_sets, class_ids) -> float:
+    """Top-1 (%) over every image of `test_sets` of the nearest-class-mean classifier over `class_ids`, its
+    prototypes the means of the model's current features over `train_sets` (test transforms)."""
+    s = class_feature_statistics(run, model, list(train_sets), class_ids, "ncm-means", covariance=False)
+    ids, protos = s.ids, s.means.float()
+    correct = torch.zeros((), dtype=torch.long, device=model.device)
+    total = torch.zeros((), dtype=torch.long, device=model.device)
+
+    def fn(b):
+        nonlocal correct, total
+        pred = ids[ncm_logits(model.features(b.x), protos).argmax(-1)]
+        correct += (pred == b.y).sum()
+        total += len(b.y)
+
+    was_training = model.training
+    model.eval()
+    for images in test_sets:
+        run.forward_pass(images, fn, desc="ncm-eval", view="test")
+    model.train(was_training)
+    dist.all_reduce_sum_(correct)
+    dist.all_reduce_sum_(total)
+    return round(100.0 * float(correct) / max(int(total), 1), 4)

@@ -17,8 +17,8 @@ from .. import __version__, dist
 from ..config import RunConfig
 from ..data.scenarios import Scenario
 from ..errors import ConfigError
-from ..flops import FlopMeter
-from ..metrics import all_metrics, final_acc_task_avg, learning_acc
+from ..results.metrics import all_metrics, final_acc_task_avg, learning_acc
+from .flops import FlopMeter
 
 
 def package_versions() -> dict:

@@ -1,7 +1,8 @@
 """The trainer: every training phase (`fit`) and every pass over data (`forward_pass`) of a run.
 
-One precision policy, decided once per run (`Precision`), serves training, passes and evaluation. Under
-torchrun, training forwards go through DDP: the method's `net` is the wrapper for the length of a phase.
+One precision policy, decided once per run (`Precision`), serves training, passes and evaluation. The trainer
+knows no method: a phase is given its parameter groups and its loss, and hands the loss the forward to call
+(`net`: the model, or under torchrun its DDP wrapper, which exists for the length of the phase only).
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from ..config import OptimizerConfig, RunConfig, ScheduleConfig
 from ..data.datasets import ImageSet
 from ..data.scenarios import Task
 from ..errors import TrainingDiverged
-from ..methods.base import Batch
-from .data import DataService
+from .data import Batch, DataService
 from .record import RunRecord
 
 
@@ -106,21 +106,22 @@ class DivergenceWatch:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, device: torch.device, data: DataService, record: RunRecord,
-                 precision: Precision, checkpoints, *, progress: bool = False):
-        self.cfg, self.device, self.data, self.record = cfg, device, data, record
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, data: DataService, record: RunRecord,
+                 precision: Precision, checkpoints, *, find_unused: bool = True, progress: bool = False):
+        self.cfg, self.model, self.device, self.data, self.record = cfg, model, data.device, data, record
         self.precision, self.checkpoints, self.progress = precision, checkpoints, progress
-        self.method = None  # set by the runner once the method exists
+        self.find_unused = find_unused  # DDP: search each step's graph for trained parameters without a gradient
         self.current_task: Task | None = None
 
-    def forward_pass(self, images: ImageSet, fn, *, desc: str, train_transform: bool = True,
-                     grad: bool = False, batch_size: int | None = None, drop_last: bool = False) -> None:
+    def forward_pass(self, images: ImageSet, fn, *, desc: str, view: str = "train", grad: bool = False,
+                     batch_size: int | None = None, drop_last: bool = False) -> None:
         """Call fn(Batch) over `images` once (statistics, features, gradient estimates), timed and FLOP-counted
-        as phase `desc`. Training transforms by default, as InfLoRA's statistics passes use. `drop_last`
-        leaves out a short last (global) batch, on every process alike."""
+        as phase `desc`. `view`: "train" (training transforms), "test", or "stats" (`data.stats_augment` picks:
+        InfLoRA's official statistics passes see the training transforms). `drop_last` leaves out a short last
+        (global) batch, on every process alike."""
         t = self.current_task.index if self.current_task else -1
         bs = batch_size or self.cfg.data.eval_batch_size
-        batches = self.data.batches(images, train=train_transform, seed_parts=("pass", desc, t), shuffle=False,
+        batches = self.data.batches(images, train=self.data.view(view), seed_parts=("pass", desc, t), shuffle=False,
                                     batch_size=bs, drop_last=drop_last)
         flops = self.record.flops
         flops.new_phase(desc)
@@ -130,22 +131,27 @@ class Trainer:
                 b = Batch(x, y, rows)
                 flops.step(desc, len(y), lambda: fn(b))
 
-    def fit(self, task: Task, *, phase: str, images: ImageSet, epochs: int, groups=None, loss_fn=None,
-            after_backward=None, optimizer: OptimizerConfig | None = None, schedule: ScheduleConfig | None = None,
-            batch_size: int | None = None, resume_state: dict | None = None, max_steps: int | None = None) -> int:
-        """Train the parameters in `groups` for `epochs` over `images`; returns the number of steps taken.
+    def fit(self, task: Task, *, phase: str, images: ImageSet, epochs: int | None, groups: dict, loss, after_backward=None,
+            optimizer: OptimizerConfig | None = None, lr: float | None = None, schedule: ScheduleConfig | None = None,
+            batch_size: int | None = None, resume_state: dict | None = None, max_steps: int | None = None,
+            save_step=None) -> int:
+        """Train the parameters in `groups` ({group name: parameters}) for `epochs` (None: the task's, from
+        `train.epochs`) over `images` with `loss(net, batch, task)`; returns the number of steps taken. `after_backward(task)` runs between the
+        backward and the optimiser step; `lr` replaces the optimiser's learning rate; `save_step(task, opt,
+        sched, scaler, epoch, batch, step)` writes the mid-task checkpoints of `train.checkpoint_every`;
         `max_steps` caps the steps per epoch below `train.max_steps_per_epoch` (the bench's warm-up)."""
-        cfg, method = self.cfg, self.method
-        groups = groups if groups is not None else method.param_groups(task)
+        cfg = self.cfg
+        epochs = cfg.epochs_for(task.index) if epochs is None else epochs
         params = [p for ps in groups.values() for p in ps if p.requires_grad]
         if phase == "train":
             self.record.trainable_params(task.index, int(sum(p.numel() for p in params)))
         if not params or epochs == 0 or len(images) == 0:
             return 0
-        loss_fn = loss_fn or method.loss
-        after_backward = after_backward if after_backward is not None else method.after_backward
         bs = batch_size or cfg.data.batch_size
-        opt = build_optimizer(groups, optimizer or cfg.train.optimizer)
+        optimizer = optimizer or cfg.train.optimizer
+        if lr is not None:
+            optimizer = optimizer.model_copy(update={"lr": lr})
+        opt = build_optimizer(groups, optimizer)
         spe = self.data.num_batches(images, bs)
         for cap in (cfg.train.max_steps_per_epoch, max_steps):
             if cap:
@@ -161,13 +167,13 @@ class Trainer:
             torch.set_rng_state(resume_state["rng"])
         first_bad = torch.tensor(-1, device=self.device)
         watch = DivergenceWatch(self.device)
-        loss = torch.zeros(())
+        loss_value = torch.zeros(())
         flops = self.record.flops
-        method.net = self._data_parallel()
+        net = self._data_parallel()
         if cfg.train.compile:
-            method.net = torch.compile(method.net)
+            net = torch.compile(net)
         flops.new_phase(phase)
-        model = method.model
+        model = self.model
         model.train(cfg.train.model_mode == "train")
         bar = tqdm(total=epochs * spe, initial=start_epoch * spe + start_batch, leave=False,
                    desc=f"task {task.index + 1}/{len(self.data.scenario)} {task.name} {phase}",
@@ -186,12 +192,12 @@ class Trainer:
 
                         def step_fn():
                             with self.precision.context():
-                                loss = loss_fn(batch, task)
-                            scaler.scale(loss).backward()
-                            return loss
+                                value = loss(net, batch, task)
+                            scaler.scale(value).backward()
+                            return value
 
-                        loss = flops.step(phase, len(y), step_fn).detach()
-                        finite = torch.isfinite(loss)
+                        loss_value = flops.step(phase, len(y), step_fn).detach()
+                        finite = torch.isfinite(loss_value)
                         if cfg.train.nan_policy == "skip" and not self._all_finite(finite):
                             opt.zero_grad(set_to_none=True)
                         else:
@@ -200,7 +206,8 @@ class Trainer:
                             watch.post(first_bad)
                             if watch.tripped():
                                 self._check_finite(first_bad, task, phase, spe)
-                            after_backward(task)
+                            if after_backward is not None:
+                                after_backward(task)
                             if cfg.train.grad_clip:
                                 scaler.unscale_(opt)
                                 torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
@@ -210,33 +217,29 @@ class Trainer:
                         step += 1
                         bar.update(1)
                         if step % 20 == 0:
-                            self.record.scalar(f"loss/{phase}", lambda: float(loss), task.index * 1_000_000 + step)
+                            self.record.scalar(f"loss/{phase}", lambda: float(loss_value), task.index * 1_000_000 + step)
                         every = cfg.train.checkpoint_every
-                        if phase == "train" and every and step % every == 0:
+                        if save_step is not None and every and step % every == 0:
                             self._check_finite(first_bad, task, phase, spe)
-                            self.checkpoints.save_step(task, opt, sched, scaler, epoch, b + 1, step)
+                            save_step(task, opt, sched, scaler, epoch, b + 1, step)
                     self._check_finite(first_bad, task, phase, spe)
-                    bar.set_postfix(loss=f"{float(loss):.3f}", refresh=False)
+                    bar.set_postfix(loss=f"{float(loss_value):.3f}", refresh=False)
         finally:
             bar.close()
-            method.net = model
             model.eval()
         return step
 
     def _data_parallel(self):
         """Under torchrun, training forwards go through DDP (gradients averaged across processes)."""
-        model = self.method.model
+        model = self.model
         if not dist.is_dist():
             return model
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # rebuilt per phase: each task trains a different set of parameters. A method may leave some trainable
         # tensors out of a step; DDP then has to look for them in every step's graph
-        find = self.cfg.train.ddp_find_unused
-        if find is None:
-            find = not self.method.uses_all_trained_params
         return DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                   find_unused_parameters=find)
+                   find_unused_parameters=self.find_unused)
 
     @staticmethod
     def _all_finite(finite: torch.Tensor) -> bool:

@@ -1,23 +1,43 @@
-"""Method registry: `@register` a `Method` subclass; `get_method(name)` finds it."""
+"""Method registry: `@register` a `Method` subclass (and its named configurations); `lookup(name)` finds it."""
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from dataclasses import dataclass
 
 from ..errors import ConfigError
-from .base import Batch, LoRAOptions, Method, MethodConfig
+from .base import Capabilities, LoRAOptions, Method, Variant
 
-REGISTRY: dict[str, type[Method]] = {}
+
+@dataclass(frozen=True)
+class Entry:
+    """A name `--method` accepts: a method class, with a named configuration's settings and run defaults."""
+
+    name: str
+    cls: type[Method]
+    settings: dict
+    run: dict
+    doc: str
+
+
+REGISTRY: dict[str, Entry] = {}
+
+
+def _add(entry: Entry) -> None:
+    old = REGISTRY.get(entry.name)
+    if old is not None and old.cls is not entry.cls:
+        raise ValueError(f"two methods are named '{entry.name}': {old.cls.__module__}.{old.cls.__name__} and "
+                         f"{entry.cls.__module__}.{entry.cls.__name__}")
+    REGISTRY[entry.name] = entry
 
 
 def register(cls: type[Method]) -> type[Method]:
     if not cls.name:
         raise ValueError(f"{cls.__name__} has no name")
-    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-        raise ValueError(f"two methods are named '{cls.name}': {REGISTRY[cls.name].__module__}."
-                         f"{REGISTRY[cls.name].__name__} and {cls.__module__}.{cls.__name__}")
-    REGISTRY[cls.name] = cls
+    _add(Entry(cls.name, cls, {}, {}, (cls.__doc__ or "").strip().split("\n")[0]))
+    for name, v in cls.variants.items():
+        _add(Entry(name, cls, dict(v.settings), dict(v.run), v.doc))
     return cls
 
 
@@ -28,7 +48,7 @@ def _load_all() -> None:
             importlib.import_module(f"{__name__}.{m.name}")
 
 
-def get_method(name: str, source: str = "") -> type[Method]:
+def lookup(name: str, source: str = "") -> Entry:
     _load_all()
     if name not in REGISTRY:
         where = f" in {source}" if source else ""
@@ -38,7 +58,7 @@ def get_method(name: str, source: str = "") -> type[Method]:
 
 def list_methods() -> dict[str, str]:
     _load_all()
-    return {n: (c.__doc__ or "").strip().split("\n")[0] for n, c in sorted(REGISTRY.items())}
+    return {n: e.doc for n, e in sorted(REGISTRY.items())}
 
 
-__all__ = ["Batch", "LoRAOptions", "Method", "MethodConfig", "register", "get_method", "list_methods"]
+__all__ = ["Capabilities", "Entry", "LoRAOptions", "Method", "Variant", "register", "lookup", "list_methods"]

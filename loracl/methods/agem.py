@@ -17,7 +17,6 @@ import torch
 from pydantic import Field
 
 from .. import dist
-from ..data.loader import derive_seed
 from . import register
 from .rehearsal import RehearsalMethod, RehearsalOptions
 
@@ -45,15 +44,18 @@ class AGEM(RehearsalMethod):
     def begin_task(self, task):
         super().begin_task(task)
         self.g_ref = None
+        self.restore(task)
 
-    def loss(self, batch, task):
-        # the reference gradient is taken here, inside the counted training step, so its FLOPs are counted;
-        # the parameters are looked up every step (a mid-task resume rebuilds the branches and head chunks)
+    def restore(self, task):
+        """The trained tensors, in a fixed order (a mid-task resume rebuilds the branches and head chunks)."""
         self.params = [p for ps in self.param_groups(task).values() for p in ps if p.requires_grad]
+
+    def loss(self, net, batch, task):
+        # the reference gradient is taken here, inside the counted training step, so its FLOPs are counted
         self.g_ref = None
         if len(self.memory):
             self.g_ref = self.reference_gradient(self.memory.sample(self.cfg.sample_size))
-        return self.seen_loss(batch)
+        return self.seen_loss(net, batch)
 
     def reference_gradient(self, rows) -> torch.Tensor:
         """g_ref: the gradient of the mean loss over the memory sample `rows` (flat, fp32).
@@ -61,10 +63,10 @@ class AGEM(RehearsalMethod):
         Under torchrun every process draws the same sample and takes the gradient of its contiguous share's
         summed loss over the sample size; the sum over processes is then the single-process g_ref, at 1/world
         of its cost. It runs on the bare model, not through DDP, whose reducer serves the step's own backward."""
-        ref = self.memory_batch(rows, keep=dist.share(len(rows)))
+        ref = self.run.memory_batch(self.memory, rows, keep=dist.share(len(rows)))
         if len(ref.y):
             logits = self.model(ref.x, self.seen)
-            loss = self.logits_loss(logits, ref.y, self.seen, reduction="sum") / len(rows)
+            loss = self.cross_entropy(logits, ref.y, self.seen, reduction="sum") / len(rows)
             grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         else:  # fewer memory rows than processes: this one holds none
             grads = [None] * len(self.params)
@@ -87,5 +89,4 @@ class AGEM(RehearsalMethod):
 
     def end_task(self, task):
         super().end_task(task)
-        self.memory.add_random(task, self.cfg.patterns_per_task,
-                               seed=derive_seed(self.run.cfg.seed, "memory", task.index))
+        self.memory.add_random(task, self.cfg.patterns_per_task, seed=self.run.seed("memory", task.index))

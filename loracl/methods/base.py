@@ -1,80 +1,73 @@
 """The plug-in contract of a continual-learning method.
 
-A method is one class with a `name`, a typed `Config`, and hooks the runner calls in this order:
+A method is one class with a `name`, a typed `Config`, declared capabilities (`caps`), optional named
+configurations (`variants`) and hooks the runner calls in this order:
 
-    check()                          refuse a scenario or model the method cannot run on
-    setup()                          once, before the first task (the model is pretrained and untouched)
+    check()                        refuse what `caps` cannot say (a head it needs, ...), before anything is built
+    setup()                        once, before the first task (the model is pretrained and untouched)
     for each task:
-        begin_task(task)             statistics passes, new branches, new head classes
-        param_groups(task)           what the optimiser trains: {"backbone": [...], "head": [...]}
-        loss(batch, task)            every training step (after_backward(task) between backward and step)
-        end_task(task)               merges, memories, extra training phases (run.fit)
-        logits(x, class_ids)         evaluation
+        begin_task(task)           statistics passes, new branches, new head classes, what trains
+        restore(task)              only after a mid-task resume reloaded the model: rebuild what derives from it
+        param_groups(task)         what the optimiser trains: a pure query (default: what the model declares)
+        loss(net, batch, task)     every training step; `net` is the forward to call (DDP's wrapper under torchrun)
+        after_backward(task)       between backward and step (A-GEM's projection)
+        end_task(task)             merges, memories, extra training phases (run.fit)
+        logits(x, class_ids)       evaluation (with `task=` too only if `caps.task_identity`)
+    state_dict() / load_state_dict(state)   everything carried across tasks, for resume
 
-The engine (`loracl.engine`, wired by `loracl.train.Runner`) owns data, optimisation, FLOP counting,
-checkpoints and evaluation; it knows no method by name. A method sees it only through `self.run`, an object
-with the calls `RunServices` lists. A method that needs its own pass over data uses `run.forward_pass`, and an
-extra training phase `run.fit`. Modules a method trains beside the head and the LoRA branches (a cosine head,
-prompts, shared magnitudes) are registered with `self.model.own(name, module)`, so DDP averages them and
-checkpoints hold them.
+The engine owns data, optimisation, FLOP counting, checkpoints and evaluation and knows no method by name; a
+method sees it only through `self.run` (`loracl.engine.RunServices`: model, scenario, batch_size, fit,
+forward_pass, memory_batch, seed, classes, cost, evaluate_row, record, log). What trains is declared on the
+model (`self.model.set_trainable`), on branches and on owned modules (`self.model.own`), and the model restores
+it after a resume.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field, field_validator
+
+from ..config import MethodConfig
+from ..engine import Batch, RunServices
+from ..models.backbones import PROJECTION_KINDS
 
 if TYPE_CHECKING:
-    from ..config import OptimizerConfig, RunConfig, ScheduleConfig
-    from ..data.datasets import ImageSet
-    from ..data.scenarios import Scenario, Task
-    from ..models.model import ContinualModel
+    from ..data.scenarios import Task
+
+SCENARIOS = ("class-incremental", "domain-incremental", "cross-dataset")
+BACKBONES = ("timm", "open_clip")
 
 
-class RunServices(Protocol):
-    """Everything of the run a method may use (`loracl.engine.services.Services` implements it)."""
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method runs on and how it behaves, read by the runner, the evaluator and export (none of which
+    names a method)."""
 
-    cfg: "RunConfig"
-    model: "ContinualModel"  # the method's `self.model`
-    scenario: "Scenario"
-    device: torch.device
-    log: Callable[..., None]
-
-    def fit(self, task: "Task", *, phase: str, images: "ImageSet", epochs: int, groups=None, loss_fn=None,
-            after_backward=None, optimizer: "OptimizerConfig | None" = None,
-            schedule: "ScheduleConfig | None" = None, batch_size: int | None = None) -> int:
-        """An extra training phase through the run's loop (FLOPs, precision, progress, DDP)."""
-
-    def forward_pass(self, images: "ImageSet", fn, *, desc: str, train_transform: bool = True,
-                     grad: bool = False, batch_size: int | None = None, drop_last: bool = False) -> None:
-        """fn(Batch) over `images` once, timed and FLOP-counted as phase `desc`."""
-
-    def amp_context(self): ...
-    def timed(self, phase: str): ...
-    def count_flops(self, phase: str, batch_size: int, fn): ...
-    def recount_flops(self, phase: str) -> None: ...
-    def train_classes(self, task: "Task") -> torch.Tensor: ...
-    def columns(self, y: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor: ...
-    def class_tensor(self, ids) -> torch.Tensor: ...
-    def prepare(self, x: torch.Tensor, train: bool) -> torch.Tensor: ...
-    def decoded_rows(self, images: "ImageSet", rows) -> torch.Tensor | None: ...
-    def augment(self, u8: torch.Tensor, train: bool, generator, lo: int = 0, total: int | None = None): ...
-    @property
-    def train_transform(self): ...
-    def evaluate_row(self, j: int) -> tuple[list, list | None]: ...
-    def record(self, key: str, t: int, value) -> None: ...
+    backbones: tuple[str, ...] = BACKBONES
+    scenarios: tuple[str, ...] = SCENARIOS
+    task_identity: bool = False  # its logits take the task of a test image (task-incremental evaluation)
+    joint: bool = False  # trained once on the union of all tasks (the offline upper bound)
+    lora: bool = False  # setup injects LoRA (the runner checks it did)
+    all_params_every_step: bool = False  # every trained tensor gets a gradient in every step (DDP: no search)
+    export: bool = True  # its predictor is the model itself, branches merged: `loracl export` can write it
 
 
-class MethodConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(frozen=True)
+class Variant:
+    """A named configuration of a method, as timm names pretrained configurations of one architecture:
+    method-section defaults (`settings`) and run-config defaults (`run`, e.g. alignment on)."""
+
+    doc: str
+    settings: dict = field(default_factory=dict)
+    run: dict = field(default_factory=dict)
 
 
 class LoRAOptions(MethodConfig):
-    """Where LoRA goes and its shape (every LoRA method shares these keys)."""
+    """Where LoRA goes and its shape (every LoRA method shares these keys); `model.inject_lora(cfg)` reads them."""
 
     rank: int = Field(8, ge=1)
     alpha: float | None = Field(None, description="scale = alpha / rank; None: scale 1")
@@ -82,32 +75,29 @@ class LoRAOptions(MethodConfig):
     blocks: list[int] | None = Field(None, description="block indices (None: all)")
     encoders: list[str] | None = Field(None, description="image and/or text (CLIP); None: all")
 
+    @field_validator("targets")
+    @classmethod
+    def _known(cls, v):
+        bad = [t for t in v if t not in PROJECTION_KINDS]
+        if bad:
+            raise ValueError(f"unknown LoRA target(s) {bad}; choose from {', '.join(PROJECTION_KINDS)}")
+        return v
+
     @property
     def scale(self) -> float:
         return 1.0 if self.alpha is None else self.alpha / self.rank
 
 
-@dataclass
-class Batch:
-    x: torch.Tensor
-    y: torch.Tensor  # global class ids
-    rows: torch.Tensor  # row of each sample in the task's training ImageSet
-
-
 class Method:
     name: ClassVar[str] = ""
     Config: ClassVar[type[MethodConfig]] = MethodConfig
-    joint: ClassVar[bool] = False  # True: trained once on the union of all tasks (offline upper bound)
-    needs_lora: ClassVar[bool] = False  # True: `setup` must inject LoRA (the runner checks it did)
-    # True: every parameter a phase trains gets a gradient in every step, so DDP need not search the graph for
-    # unused ones each step (tests/test_distributed.py runs each method that says so under torchrun)
-    uses_all_trained_params: ClassVar[bool] = False
+    caps: ClassVar[Capabilities] = Capabilities()
+    variants: ClassVar[dict[str, Variant]] = {}
 
     def __init__(self, cfg: MethodConfig, run: RunServices):
         self.cfg = cfg
         self.run = run
         self.model = run.model
-        self.net = run.model  # what training forwards go through (a DDP wrapper under torchrun)
 
     # ---- hooks -------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -119,13 +109,16 @@ class Method:
     def begin_task(self, task: "Task") -> None:
         self.add_task_classes(task)
 
-    def param_groups(self, task: "Task") -> dict[str, list[torch.nn.Parameter]]:
-        head = [p for p in self.model.head.parameters() if p.requires_grad]
-        back = [p for p in self.model.backbone.parameters() if p.requires_grad]
-        return {"backbone": back, "head": head}
+    def restore(self, task: "Task") -> None:
+        """After a mid-task resume rebuilt the model and loaded the method's state: rebuild whatever derives from
+        them (caches of branch tensors, ...). begin_task(task) ran before the reload."""
 
-    def loss(self, batch: Batch, task: "Task") -> torch.Tensor:
-        return self.cross_entropy(batch, self.run.train_classes(task))
+    def param_groups(self, task: "Task") -> dict[str, list[torch.nn.Parameter]]:
+        return self.model.param_groups()
+
+    def loss(self, net, batch: Batch, task: "Task") -> torch.Tensor:
+        ids = self.run.classes.train(task)
+        return self.cross_entropy(net(batch.x, ids), batch.y, ids)
 
     def after_backward(self, task: "Task") -> None:
         pass
@@ -146,9 +139,6 @@ class Method:
     def add_task_classes(self, task: "Task") -> None:
         self.model.head.add_classes(task.class_ids, task.class_names, task.templates)
 
-    def cross_entropy(self, batch: Batch, class_ids: torch.Tensor) -> torch.Tensor:
-        return self.logits_loss(self.net(batch.x, class_ids), batch.y, class_ids)
-
-    def logits_loss(self, logits: torch.Tensor, y: torch.Tensor, class_ids: torch.Tensor, **kw) -> torch.Tensor:
+    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor, class_ids: torch.Tensor, **kw) -> torch.Tensor:
         """Cross-entropy of logits over `class_ids` against global targets `y` (fp32)."""
-        return F.cross_entropy(logits.float(), self.run.columns(y, class_ids), **kw)
+        return F.cross_entropy(logits.float(), self.run.classes.columns(y, class_ids), **kw)

@@ -8,27 +8,23 @@
 
 from __future__ import annotations
 
+from ..models.lora import task_tag
 from . import register
-from .base import LoRAOptions, Method
+from .base import Capabilities, LoRAOptions, Method
 
 
 class LoRAMethod(Method):
     """Shared by LoRA baselines: inject once, a fresh zero-output branch per task, merge at task end."""
 
-    needs_lora = True
+    caps = Capabilities(lora=True)
     Config = LoRAOptions
 
     def setup(self):
-        c = self.cfg
-        self.model.inject_lora(c.targets, c.blocks, c.encoders)
-
-    def new_branches(self):
-        for s in self.model.adapter.sites:
-            s.add_fresh_branch(self.cfg.rank, self.cfg.scale)
+        self.model.inject_lora(self.cfg)
 
     def begin_task(self, task):
         self.add_task_classes(task)
-        self.new_branches()
+        self.model.adapter.add_fresh(self.cfg.rank, self.cfg.scale, task_tag(task.index))
         self.model.set_trainable("lora+head")
 
     def end_task(self, task):
@@ -40,7 +36,7 @@ class SeqLoRA(LoRAMethod):
     """Sequential LoRA fine-tuning: each task's branch merged before the next (lower bound)."""
 
     name = "seq-lora"
-    uses_all_trained_params = True
+    caps = Capabilities(lora=True, all_params_every_step=True)
 
 
 @register
@@ -48,7 +44,7 @@ class JointLoRA(LoRAMethod):
     """LoRA trained on all tasks at once (offline upper bound)."""
 
     name = "joint"
-    joint = True
+    caps = Capabilities(lora=True, joint=True)
 
 
 @register
@@ -67,7 +63,7 @@ class JointFull(Method):
     """Every backbone weight and the head trained on all tasks at once (offline upper bound, full fine-tuning)."""
 
     name = "joint-full"
-    joint = True
+    caps = Capabilities(joint=True)
 
     def begin_task(self, task):
         self.add_task_classes(task)

@@ -26,10 +26,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
+from ..config import MethodConfig
 from ..errors import ConfigError
-from ..models.prompts import PromptModule, gram_schmidt, prefix_dim, prompt_slots, split_prefix
+from ..models.attention import prefix_dim, prefix_slots
+from ..models.prompts import PromptModule, gram_schmidt, split_prefix
 from . import register
-from .base import MethodConfig
 from .prompting import PromptMethod
 
 
@@ -114,6 +115,6 @@ class CodaPrompt(PromptMethod):
     Config = CodaPromptConfig
 
     def make_prompts(self):
-        slots = prompt_slots(self.model.backbone, self.cfg.blocks)
+        slots = prefix_slots(self.model.backbone, self.cfg.blocks)
         return CodaPrompts(self.cfg, len(self.run.scenario), {b: prefix_dim(a) for b, a in slots.items()},
                            self.model.backbone.feature_dim)

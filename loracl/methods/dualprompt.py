@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .. import dist
+from ..config import MethodConfig
 from ..errors import ConfigError
-from ..models.prompts import PromptModule, cosine_topk, prefix_dim, prompt_slots, split_prefix, uniform_
+from ..models.attention import prefix_dim, prefix_slots
+from ..models.prompts import PromptModule, cosine_topk, split_prefix, uniform_
 from . import register
-from .base import MethodConfig
 from .prompting import PromptMethod
 
 
@@ -79,6 +80,6 @@ class DualPrompt(PromptMethod):
 
     def make_prompts(self):
         c = self.cfg
-        slots = prompt_slots(self.model.backbone, c.g_blocks + c.e_blocks)
+        slots = prefix_slots(self.model.backbone, c.g_blocks + c.e_blocks)
         return DualPrompts(c, len(self.run.scenario), {b: prefix_dim(a) for b, a in slots.items()},
                            self.model.backbone.feature_dim)

@@ -19,9 +19,8 @@ import torch
 from pydantic import Field
 
 from .. import dist
-from ..data.loader import derive_seed
+from ..engine import Batch
 from . import register
-from .base import Batch
 from .rehearsal import RehearsalMethod, RehearsalOptions
 
 
@@ -50,14 +49,14 @@ class ExperienceReplay(RehearsalMethod):
         m = self.replay_count(sum(dist.all_gather_objects(len(batch.y))))
         if m == 0:
             return batch, 0
-        mem = self.memory_batch(self.memory.sample(m), keep=dist.share(m))
+        mem = self.run.memory_batch(self.memory, self.memory.sample(m), keep=dist.share(m))
         rows = torch.cat([torch.as_tensor(batch.rows), torch.full((len(mem.y),), -1, dtype=torch.long)])
         return Batch(torch.cat([batch.x, mem.x]), torch.cat([batch.y, mem.y]), rows), len(mem.y)
 
-    def loss(self, batch, task):
+    def loss(self, net, batch, task):
         self._new_rows = np.asarray(batch.rows, dtype=np.int64)
         mixed, _ = self.mixed_batch(batch)
-        return self.seen_loss(mixed)
+        return self.seen_loss(net, mixed)
 
     def after_backward(self, task):
         if self.cfg.policy != "reservoir":
@@ -66,12 +65,12 @@ class ExperienceReplay(RehearsalMethod):
         new = np.concatenate(dist.all_gather_objects(self._new_rows))
         self.memory.add_reservoir(self.memory.pool_rows(task.index, new), self.cfg.memory_size)
         # while the memory is smaller than a replay batch, the step's size changes: count the next one anew
-        want = self.replay_count(self.run.cfg.data.batch_size, capped=False)
+        want = self.replay_count(self.run.batch_size, capped=False)
         if min(before, want) != min(len(self.memory), want):
-            self.run.recount_flops("train")
+            self.run.cost.recount("train")
 
     def end_task(self, task):
         super().end_task(task)
         if self.cfg.policy == "class-balanced":
-            self.memory.add_class_balanced(task, seed=derive_seed(self.run.cfg.seed, "memory", task.index),
+            self.memory.add_class_balanced(task, seed=self.run.seed("memory", task.index),
                                            capacity=self.cfg.memory_size)

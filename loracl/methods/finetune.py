@@ -1,12 +1,11 @@
 """Reference points without LoRA, for MTIL (ZSCL's and KeepLoRA's tables).
 
 - `zeroshot`: the pretrained CLIP as it is, evaluated after every task: its rows are all the same.
-- `seq-ft`: continual full fine-tuning of every backbone weight (both CLIP encoders), task after task.
+- `seq-ft`: continual full fine-tuning of every encoder weight (both CLIP encoders), task after task; CLIP's
+  temperature stays the pretrained constant (it is not a weight of either encoder).
 """
 
 from __future__ import annotations
-
-import torch
 
 from ..errors import ConfigError
 from . import register
@@ -28,9 +27,6 @@ class ZeroShot(Method):
         self.add_task_classes(task)
         self.model.set_trainable("none")
 
-    def param_groups(self, task):
-        return {}
-
 
 @register
 class SeqFT(Method):
@@ -41,7 +37,3 @@ class SeqFT(Method):
     def begin_task(self, task):
         self.add_task_classes(task)
         self.model.set_trainable("full+head")
-        # CLIP's temperature stays the pretrained constant (it is not a weight of either encoder)
-        scale = getattr(self.model.backbone, "logit_scale", None)
-        if isinstance(scale, torch.nn.Parameter):
-            scale.requires_grad_(False)

@@ -21,11 +21,12 @@ from typing import Literal
 import torch
 from pydantic import Field
 
+from ..cl.statistics import forward_until, layer_input_moments
+from ..cl.subspace import INV_SQRT3, DualGPM, psd_sqrt
 from ..errors import LoraclError
-from ..stats import forward_until, layer_input_moments
-from ..subspace import INV_SQRT3, DualGPM, psd_sqrt
+from ..models.lora import task_tag
 from . import register
-from .base import LoRAOptions, Method
+from .base import Capabilities, LoRAOptions, Method, Variant
 
 
 def design_down_projection(C: torch.Tensor, free: torch.Tensor | None, rank: int,
@@ -86,12 +87,21 @@ class InfLoRA(Method):
 
     name = "inflora"
     Config = InfLoRAConfig
-    needs_lora = True
-    uses_all_trained_params = True
+    caps = Capabilities(lora=True, all_params_every_step=True)
+    variants = {
+        "inflora-b5": Variant("InfLoRA-b5: branches on the first five blocks only, plain GPM memory (the paper's "
+                              "cheaper variant).", settings={"blocks": [0, 1, 2, 3, 4], "memory": "gpm"}),
+        # the official code's InfLoRA_CA (BASELINES.md section 1): plain GPM ("remove" bases only) and classifier
+        # alignment after every task; its optimiser (SGD, cosine per epoch) and ranks (5 on CIFAR-100, 10 on
+        # ImageNet-R) are in the presets inflora-ca-cifar100 / inflora-ca-imagenet-r-10
+        "inflora-ca": Variant("InfLoRA-CA (official InfLoRA_CA): InfLoRA with plain GPM and classifier alignment of "
+                              "all heads after each task.", settings={"rank": 5, "memory": "gpm"},
+                              run={"align": {"enabled": True}}),
+    }
 
     def setup(self):
         c = self.cfg
-        adapter = self.model.inject_lora(c.targets, c.blocks, c.encoders)
+        adapter = self.model.inject_lora(c)
         self.layers = {layer_key(adapter.sites_of(layer)): layer for layer in adapter.layers}
         self.memory = DualGPM(c.eps, len(self.run.scenario), dual=c.memory == "dualgpm")
 
@@ -106,25 +116,19 @@ class InfLoRA(Method):
                 skipped.append(key)
                 continue
             for site in self.model.adapter.sites_of(layer):
-                site.add_branch(down, torch.zeros(site.d_out, down.shape[0]), self.cfg.scale,
-                                train_down=False, train_up=True)
+                site.add_lora(down, torch.zeros(site.d_out, down.shape[0]), tag=task_tag(task.index),
+                              scale=self.cfg.scale, train_down=False, train_up=True)
         if skipped:
             self.run.log(f"  inflora: no free input directions left in {', '.join(skipped)}; no branch this task")
-        self.set_trainable(task)
-
-    def param_groups(self, task):
-        self.set_trainable(task)
-        ups = [p for s in self.model.adapter.sites for br in s.branches for p in br.parameters() if p.requires_grad]
-        return {"backbone": ups, "head": self.task_head_parameters(task)}
+        # only the live up-projections (A_t) and, with per-task linear heads, the task's own chunk (as the
+        # official classifier pool); CLIP's text head has nothing to train
+        self.model.set_trainable("lora+head", head=task.class_ids if hasattr(self.model.head, "chunk_of") else None)
 
     def end_task(self, task):
         if self.cfg.merge:
             self.model.adapter.merge_all()
         else:  # official: the branch stays live, frozen, and is summed with the others in every forward
-            for s in self.model.adapter.sites:
-                for br in s.branches:
-                    br.train_up = False
-                    br.up.requires_grad_(False)
+            self.model.adapter.freeze(task_tag(task.index))
         C = self.input_moments(task, "stats-after")
         # the official code runs DualGPM on C itself, so energy is its squared eigenvalues; the paper (like GPM)
         # runs it on the input matrix H, whose squared singular values are C's eigenvalues: C^(1/2) has the same
@@ -141,18 +145,6 @@ class InfLoRA(Method):
         self.memory.load_state_dict(state["memory"])
 
     # ---- pieces -----------------------------------------------------------------------------------------
-    def set_trainable(self, task):
-        """Only the live, trainable up-projections (A_t) and the current task's head chunk."""
-        self.model.set_trainable("lora")
-        for p in self.task_head_parameters(task):
-            p.requires_grad_(True)
-
-    def task_head_parameters(self, task) -> list[torch.nn.Parameter]:
-        head = self.model.head
-        if hasattr(head, "chunk_of"):  # LinearHead: one chunk per task, as the official classifier pool
-            return list(head.chunk_of(task.class_ids).parameters())
-        return [p for p in head.parameters()]
-
     @torch.no_grad()
     def input_moments(self, task, desc: str) -> dict[str, torch.Tensor]:
         """C of every adapted layer over the task's training set (float64 on the CPU, summed over processes).
@@ -161,7 +153,7 @@ class InfLoRA(Method):
         """
         was_training = self.model.training
         self.model.eval()
-        dev = self.run.device.type
+        dev = self.model.device.type
 
         layers = list(self.layers.values())
         image_layers = [layer for layer in layers if self.model.adapter.sites_of(layer)[0].encoder != "text"]
@@ -171,7 +163,7 @@ class InfLoRA(Method):
                 with torch.autocast(dev, enabled=False):
                     run(lambda: self.model.features(batch.x))
 
-            self.run.forward_pass(task.train, fn, desc=desc, train_transform=self.run.cfg.data.stats_augment)
+            self.run.forward_pass(task.train, fn, desc=desc, view="stats")
             self.text_pass(task)
         self.model.train(was_training)
         out = {}
@@ -190,7 +182,7 @@ class InfLoRA(Method):
         head = self.model.head
         if not hasattr(head, "encode_batched"):
             raise LoraclError("inflora: LoRA on the text encoder needs head.kind 'text' (prompts are its inputs)")
-        with torch.autocast(self.run.device.type, enabled=False):
+        with torch.autocast(self.model.device.type, enabled=False):
             head.encode_batched(list(task.class_ids))
 
     def log_memory(self, task) -> None:
@@ -204,17 +196,3 @@ class InfLoRA(Method):
                      f"old-space dims per layer min {n[0]} / median {n[len(n) // 2]} / max {n[-1]} "
                      f"of {'/'.join(map(str, d))}"
                      f"{f', {retain} layers stored as retain' if retain else ''}")
-
-
-class InfLoRAB5Config(InfLoRAConfig):
-    blocks: list[int] | None = Field(default_factory=lambda: [0, 1, 2, 3, 4], description="block indices")
-    memory: Literal["dualgpm", "gpm"] = "gpm"
-
-
-@register
-class InfLoRAB5(InfLoRA):
-    """InfLoRA-b5: branches on the first five blocks only, plain GPM memory (the paper's cheaper variant)."""
-
-    name = "inflora-b5"
-    Config = InfLoRAB5Config
-

@@ -35,13 +35,20 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from .. import dist
-from ..data.loader import derive_seed
+from ..cl.statistics import forward_until, layer_input_moments, tapped
+from ..cl.subspace import (
+    gpm_extend,
+    gpm_first,
+    principal_basis,
+    project_out,
+    psd_sqrt,
+    randomized_svd,
+)
 from ..errors import ConfigError
 from ..models.heads import LinearHead
-from ..stats import forward_until, layer_input_moments, tapped
-from ..subspace import gpm_extend, gpm_first, principal_basis, project_out, psd_sqrt, randomized_svd
+from ..models.lora import task_tag
 from . import register
-from .base import LoRAOptions, Method
+from .base import Capabilities, LoRAOptions, Method, Variant
 
 
 class KeepLoRAConfig(LoRAOptions):
@@ -57,6 +64,8 @@ class KeepLoRAConfig(LoRAOptions):
                                                              "official, 1 for paper)")
     features: Literal["batch-mean", "tokens"] | None = Field(None, description="feature matrix of the GPM "
                                                                                 "update (None: by variant)")
+    plus: bool = Field(False, description="KeepLoRA+: a per-dataset cosine head from class-mean features, added "
+                                          "to the logits")
     cosine_scale: float = Field(30.0, gt=0, description="KeepLoRA+ cosine head scale")
 
     @field_validator("eps_w")
@@ -106,15 +115,15 @@ class ClassMeans:
     """Per-class sums of the normalised image features of a task, summed over processes -> normalised means."""
 
     def __init__(self, method, task):
-        self.run = method.run
-        self.ids = self.run.class_tensor(list(task.class_ids))
-        dim = method.model.backbone.feature_dim
-        self.sums = torch.zeros(len(self.ids), dim, device=self.run.device, dtype=torch.float64)
-        self.counts = torch.zeros(len(self.ids), device=self.run.device, dtype=torch.float64)
+        self.classes = method.run.classes
+        self.ids = self.classes.tensor(task.class_ids)
+        dim, dev = method.model.backbone.feature_dim, method.model.device
+        self.sums = torch.zeros(len(self.ids), dim, device=dev, dtype=torch.float64)
+        self.counts = torch.zeros(len(self.ids), device=dev, dtype=torch.float64)
 
     @torch.no_grad()
     def add(self, feats: torch.Tensor, y: torch.Tensor) -> None:
-        k = self.run.columns(y, self.ids)
+        k = self.classes.columns(y, self.ids)
         self.sums.index_add_(0, k, F.normalize(feats.float(), dim=-1).double())
         self.counts.index_add_(0, k, torch.ones_like(k, dtype=torch.float64))
 
@@ -130,9 +139,9 @@ class KeepLoRA(Method):
 
     name = "keeplora"
     Config = KeepLoRAConfig
-    needs_lora = True
-    uses_all_trained_params = True
-    plus = False  # KeepLoRA+: per-dataset cosine head added to the logits
+    caps = Capabilities(lora=True, all_params_every_step=True)
+    variants = {"keeplora+": Variant("KeepLoRA+: KeepLoRA plus a per-dataset cosine head initialised from "
+                                     "class-mean image features.", settings={"plus": True})}
 
     def __init__(self, cfg, run):
         super().__init__(cfg, run)
@@ -150,8 +159,8 @@ class KeepLoRA(Method):
     # ---- once ----------------------------------------------------------------------------------------
     def setup(self):
         c = self.cfg
-        self.model.inject_lora(c.targets, c.blocks, c.encoders)
-        if self.plus:  # owned by the model: DDP averages its gradients, checkpoints hold it
+        self.model.inject_lora(c)
+        if c.plus:  # owned by the model: DDP averages its gradients, checkpoints hold it
             self.cosine = self.model.own("keeplora+ cosine head", LinearHead(
                 self.model.backbone.feature_dim, cosine=True, scale=c.cosine_scale))
         self.principal_subspace()
@@ -172,25 +181,26 @@ class KeepLoRA(Method):
     # ---- per task ------------------------------------------------------------------------------------
     def begin_task(self, task):
         self.add_task_classes(task)
-        means = ClassMeans(self, task) if self.plus else None
+        means = ClassMeans(self, task) if self.cosine is not None else None
         # KeepLoRA+'s class means need the features of the same function the gradient pass computes: when
         # that pass sees every training image, its forward gives them (one pass over the task instead of two)
         shared = means is not None and self.gradient_rows(task) is None
         grads = self.estimate_gradients(task, means if shared else None)
-        self.residual_gradient_init(grads)
+        self.residual_gradient_init(grads, task_tag(task.index))
         del grads
-        if self.plus:
+        if self.cosine is not None:
             self.init_cosine_head(task, means, done=shared)
-        self.model.set_trainable("lora+head")
+            self.cosine.learning = list(task.class_ids)  # its chunk for this dataset trains
+        self.model.set_trainable("lora+head+owned")
 
     def gradient_rows(self, task) -> np.ndarray | None:
         """Rows of the task's training set the gradient is averaged over (None: all)."""
         k = self.cfg.grad_batches or (None if self.cfg.variant == "official" else 1)
         n = len(task.train)
-        bs = self.run.cfg.data.batch_size
+        bs = self.run.batch_size
         if k is None or k * bs >= n:
             return None
-        perm = np.random.default_rng(derive_seed(self.run.cfg.seed, "keeplora-gradient", task.index)).permutation(n)
+        perm = np.random.default_rng(self.run.seed("keeplora-gradient", task.index)).permutation(n)
         return np.sort(perm[: k * bs])
 
     def estimate_gradients(self, task, means: ClassMeans | None = None) -> dict:
@@ -211,18 +221,17 @@ class KeepLoRA(Method):
         rows = self.gradient_rows(task)
         images = task.train if rows is None else task.train.subset(rows)
         n = len(images)
-        ids = self.run.train_classes(task)
+        ids = self.run.classes.train(task)
 
         def accumulate(b):
-            logits, feats = self.net(b.x, ids, return_features=True)
+            logits, feats = self.model(b.x, ids, return_features=True)
             if means is not None:
                 means.add(feats.detach(), b.y)
             # dataset mean: each batch weighted by its size (the official loader's equal batches give the same)
-            loss = self.logits_loss(logits, b.y, ids) * (len(b.y) / n)
+            loss = self.cross_entropy(logits, b.y, ids) * (len(b.y) / n)
             loss.backward()
 
-        self.run.forward_pass(images, accumulate, desc="keeplora-gradient", grad=True,
-                              batch_size=self.run.cfg.data.batch_size)
+        self.run.forward_pass(images, accumulate, desc="keeplora-gradient", grad=True, batch_size=self.run.batch_size)
         grads = {}
         for layer in self.model.adapter.layers:
             grads[layer] = layer.weight.grad
@@ -233,7 +242,7 @@ class KeepLoRA(Method):
         return grads
 
     @torch.no_grad()
-    def residual_gradient_init(self, grads: dict) -> None:
+    def residual_gradient_init(self, grads: dict, tag: str) -> None:
         """A, B from the rank-r SVD of the gradient projected on the residual subspace; W -= s (A B)^T (step 3)."""
         c = self.cfg
         scale = c.scale
@@ -246,7 +255,7 @@ class KeepLoRA(Method):
             if A.shape[1] == 0:
                 continue  # nothing of the gradient is left outside the protected subspace
             down, up = A.t().contiguous(), B.t().contiguous()  # our branch: delta W = s * up @ down = s (A B)^T
-            s.add_branch(down, up, scale, train_down=False, train_up=True)
+            s.add_lora(down, up, tag=tag, scale=scale, train_down=False, train_up=True)
             s.add_to_weight(-scale * (up @ down))
 
     @torch.no_grad()
@@ -261,35 +270,25 @@ class KeepLoRA(Method):
         self.cosine.add_classes(ids)
         self.cosine.set_rows(ids, means.rows())
 
-    def param_groups(self, task):
-        groups = super().param_groups(task)
-        if self.cosine is not None:
-            chunk = self.cosine.chunk_of(task.class_ids)
-            for p in chunk.parameters():
-                p.requires_grad_(True)
-            groups["head"] = groups["head"] + list(chunk.parameters())
-        return groups
-
-    def _logits(self, x, class_ids):
+    def scores(self, net, x, class_ids):
+        """The model's logits, plus KeepLoRA+'s cosine logits from the same forward (through DDP in training)."""
         if self.cosine is None:
-            return self.net(x, class_ids)
-        logits, feats = self.net(x, class_ids, return_features=True)  # through DDP under torchrun
+            return net(x, class_ids)
+        logits, feats = net(x, class_ids, return_features=True)
         return logits + self.cosine.logits_if_known(feats, class_ids)  # datasets not yet learnt: text head alone
 
-    def loss(self, batch, task):
-        ids = self.run.train_classes(task)
-        if self.cosine is None:
-            return self.cross_entropy(batch, ids)
-        return self.logits_loss(self._logits(batch.x, ids), batch.y, ids)
+    def loss(self, net, batch, task):
+        ids = self.run.classes.train(task)
+        return self.cross_entropy(self.scores(net, batch.x, ids), batch.y, ids)
 
     def logits(self, x, class_ids):
-        return self._logits(x, class_ids)
+        return self.scores(self.model, x, class_ids)
 
     def end_task(self, task):
         self.model.adapter.merge_all()
         if self.cosine is not None:
-            for p in self.cosine.parameters():
-                p.requires_grad_(False)
+            self.cosine.learning = None
+        self.model.set_trainable("none")
         self.grow_protected_subspace(task)
 
     # ---- memory --------------------------------------------------------------------------------------
@@ -305,8 +304,7 @@ class KeepLoRA(Method):
         grams: dict = {}
         self.model.eval()
         if layers["image"]:
-            kw = dict(desc="keeplora-features", train_transform=self.run.cfg.data.stats_augment,
-                      batch_size=self.run.cfg.data.batch_size)
+            kw = dict(desc="keeplora-features", view="stats", batch_size=self.run.batch_size)
             if self.feature_kind == "batch-mean":
                 accs = {layer: BatchMeanFeatures(layer.d_in, layer.weight.device) for layer in layers["image"]}
                 # whole (global) batches only, as the official drop_last loader
@@ -321,13 +319,12 @@ class KeepLoRA(Method):
                 grams.update({layer: acc.finalize() for layer, acc in accs.items()})
         if layers["text"]:
             # one pass over the prompts: both feature kinds reduce to the token matrix of the prompts here
-            with layer_input_moments(layers["text"]) as accs, self.run.timed("keeplora-features"):
+            with layer_input_moments(layers["text"]) as accs, self.run.cost.timed("keeplora-features"):
                 prompts = [p for i in task.class_ids for p in self.model.head.prompts[int(i)]]
                 bb = self.model.backbone
                 for k in range(0, len(prompts), 256):
-                    tok = bb.tokenize(prompts[k:k + 256]).to(self.run.device)
-                    with self.run.amp_context():
-                        self.run.count_flops("keeplora-text-features", len(tok), lambda: bb.encode_text(tok))
+                    tok = bb.tokenize(prompts[k:k + 256]).to(self.model.device)
+                    self.run.cost.counted("keeplora-text-features", len(tok), lambda: bb.encode_text(tok))
             grams.update({layer: acc.finalize() for layer, acc in accs.items()})
         for s in sites:
             R = psd_sqrt(grams[s.layer].double())  # energies = squared singular values of the feature matrix
@@ -348,16 +345,8 @@ class KeepLoRA(Method):
         return {"bases": {k: (None if v is None else v.cpu()) for k, v in self.bases.items()}}
 
     def load_state_dict(self, state):
-        dev = self.run.device
+        dev = self.model.device
         self.bases = {k: (None if v is None else v.to(dev)) for k, v in state["bases"].items()}
-
-
-@register
-class KeepLoRAPlus(KeepLoRA):
-    """KeepLoRA+: KeepLoRA plus a per-dataset cosine head initialised from class-mean image features."""
-
-    name = "keeplora+"
-    plus = True
 
 
 def residual_factors(G_hat: torch.Tensor, rank: int, free_dims: int | None = None, rtol: float = 1e-5):

@@ -32,11 +32,18 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .. import dist
+from ..config import MethodConfig
 from ..errors import ConfigError
-from ..models.prompts import (PromptModule, batch_total, cosine_topk, prefix_dim, prompt_slots,
-                              prompt_tuned_features, split_prefix, uniform_)
+from ..models.attention import prefix_dim, prefix_slots
+from ..models.prompts import (
+    PromptModule,
+    batch_total,
+    cosine_topk,
+    prompt_tuned_features,
+    split_prefix,
+    uniform_,
+)
 from . import register
-from .base import MethodConfig
 from .prompting import PromptMethod
 
 
@@ -105,5 +112,5 @@ class L2P(PromptMethod):
     Config = L2PConfig
 
     def make_prompts(self):
-        slots = prompt_slots(self.model.backbone, self.cfg.blocks)
+        slots = prefix_slots(self.model.backbone, self.cfg.blocks)
         return L2PPrompts(self.cfg, {b: prefix_dim(a) for b, a in slots.items()}, self.model.backbone.feature_dim)

@@ -4,26 +4,19 @@ No training at all: after each task the prototype of each of its classes is the 
 of its training images (test transforms), and a test image goes to the class whose prototype has the highest
 cosine similarity with its features. Class sums and counts are kept rather than means, so a class seen again
 in a later task (domain-incremental) gets the mean over all its images so far. The class statistics are the
-ones classifier alignment stores (loracl/alignment.py).
+ones classifier alignment stores (loracl/cl/alignment.py).
 
-`ncm_accuracy` scores any model's current backbone the same way (`eval.ncm: true` -> `final_acc_ncm`): what
+The evaluator scores any model's current backbone the same way (`eval.ncm: true` -> `final_acc_ncm`): what
 the features alone know, without the heads.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from .. import dist
-from ..alignment import class_feature_statistics
+from ..cl.statistics import class_feature_statistics, ncm_logits
 from . import register
-from .base import Method
-
-
-def ncm_logits(feats: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every feature (rows) with every class prototype (columns)."""
-    return F.normalize(feats.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).t()
+from .base import Capabilities, Method
 
 
 @register
@@ -31,6 +24,7 @@ class NCM(Method):
     """Nearest class mean on the frozen pretrained backbone (SimpleCIL): cosine to class-mean prototypes, no training."""
 
     name = "ncm"
+    caps = Capabilities(export=False)  # its classifier is the prototypes, not a head of the model
 
     def setup(self):
         d = self.model.backbone.feature_dim
@@ -42,9 +36,6 @@ class NCM(Method):
     def begin_task(self, task):
         self.add_task_classes(task)  # the head's table of known classes decides which tasks are evaluated
         self.model.set_trainable("none")
-
-    def param_groups(self, task):
-        return {"backbone": [], "head": []}  # nothing to train: the runner's fit returns at once
 
     def end_task(self, task):
         s = class_feature_statistics(self.run, self.model, task.train, task.class_ids, "ncm-means", covariance=False)
@@ -63,7 +54,7 @@ class NCM(Method):
 
     def prototypes(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._device_protos is None:
-            dev = self.run.device
+            dev = self.model.device
             means = self.sums / self.counts.clamp(min=1).unsqueeze(1)
             self._device_protos = (self.ids.to(dev), means.float().to(dev))
         return self._device_protos
@@ -76,7 +67,7 @@ class NCM(Method):
         known = torch.isin(class_ids, ids)
         if not known.any():
             return super().logits(x, class_ids)
-        out = ncm_logits(self.model.features(x), protos[self.run.columns(class_ids[known], ids)])
+        out = ncm_logits(self.model.features(x), protos[self.run.classes.columns(class_ids[known], ids)])
         if known.all():
             return out
         full = out.new_full((len(out), len(class_ids)), float("-inf"))
@@ -89,28 +80,3 @@ class NCM(Method):
     def load_state_dict(self, state):
         self.ids, self.sums, self.counts = state["ids"].long(), state["sums"].double(), state["counts"].double()
         self._device_protos = None
-
-
-@torch.no_grad()
-def ncm_accuracy(run, model, train_sets, test_sets, class_ids) -> float:
-    """Top-1 (%) over every image of `test_sets` of the nearest-class-mean classifier over `class_ids`, its
-    prototypes the means of the model's current features over `train_sets` (test transforms)."""
-    s = class_feature_statistics(run, model, list(train_sets), class_ids, "ncm-means", covariance=False)
-    ids, protos = s.ids, s.means.float()
-    correct = torch.zeros((), dtype=torch.long, device=run.device)
-    total = torch.zeros((), dtype=torch.long, device=run.device)
-
-    def fn(b):
-        nonlocal correct, total
-        pred = ids[ncm_logits(model.features(b.x), protos).argmax(-1)]
-        correct += (pred == b.y).sum()
-        total += len(b.y)
-
-    was_training = model.training
-    model.eval()
-    for images in test_sets:
-        run.forward_pass(images, fn, desc="ncm-eval", train_transform=False)
-    model.train(was_training)
-    dist.all_reduce_sum_(correct)
-    dist.all_reduce_sum_(total)
-    return round(100.0 * float(correct) / max(int(total), 1), 4)

@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..models.lora import Branch
-from ..subspace import cross_gram_l1
+from ..cl.subspace import cross_gram_l1
+from ..models.lora import task_tag
 from . import register
-from .base import LoRAOptions
+from .base import Capabilities, LoRAOptions
 from .baselines import LoRAMethod
 
 
@@ -36,30 +36,28 @@ class OLoRA(LoRAMethod):
 
     name = "o-lora"
     Config = OLoRAConfig
-    uses_all_trained_params = True
+    caps = Capabilities(lora=True, all_params_every_step=True)
 
     def begin_task(self, task):
-        self.add_task_classes(task)
-        self.new_branches()  # PEFT's init, shared with seq-lora: kaiming-uniform down, zero up
-        self.model.set_trainable("lora+head")
+        super().begin_task(task)  # a fresh branch per site (PEFT's init, shared with seq-lora), lora+head train
+        self.restore(task)
 
-    def param_groups(self, task):
-        # after a mid-task resume the branches were rebuilt from the checkpoint: take them from the model now
-        self.model.set_trainable("lora+head")
-        self.pairs: list[tuple[torch.Tensor | None, Branch]] = []
+    def restore(self, task):
+        """Per site: the earlier tasks' down-projections stacked (constants) and the task's branch."""
+        tag = task_tag(task.index)
+        self.pairs = []
         for s in self.model.adapter.sites:
-            old = [br.down.detach() for br in s.branches[:-1]]
-            self.pairs.append((torch.cat(old) if old else None, s.branches[-1]))
-        return super().param_groups(task)
+            old = [br.down.detach() for t, br in s.branches.items() if t != tag]
+            self.pairs.append((torch.cat(old) if old else None, s.branches[tag]))
 
-    def loss(self, batch, task):
-        loss = super().loss(batch, task)
+    def loss(self, net, batch, task):
+        loss = super().loss(net, batch, task)
         return loss + self.penalty() if self.cfg.lambda1 or self.cfg.lambda2 else loss
 
     def penalty(self) -> torch.Tensor:
-        c = self.cfg
-        with torch.autocast(self.run.device.type, enabled=False):  # tiny products: keep them in fp32
-            total = torch.zeros((), device=self.run.device)
+        c, dev = self.cfg, self.model.device
+        with torch.autocast(dev.type, enabled=False):  # tiny products: keep them in fp32
+            total = torch.zeros((), device=dev)
             for old, new in self.pairs:
                 if c.lambda1 and old is not None:
                     total = total + c.lambda1 * cross_gram_l1(old, new.down)
@@ -68,8 +66,4 @@ class OLoRA(LoRAMethod):
         return total
 
     def end_task(self, task):
-        for s in self.model.adapter.sites:  # the task's branch joins the frozen, summed ones
-            br = s.branches[-1]
-            br.train_down = br.train_up = False
-            br.down.requires_grad_(False)
-            br.up.requires_grad_(False)
+        self.model.adapter.freeze(task_tag(task.index))  # the task's branch joins the frozen, summed ones

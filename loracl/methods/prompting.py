@@ -9,14 +9,13 @@
 
 from __future__ import annotations
 
-import torch
-
 from ..models.prompts import PromptModule
-from .base import Method
+from .base import Capabilities, Method
 
 
 class PromptMethod(Method):
-    uses_all_trained_params = True
+    # the prompts and the query condition the backbone's forward: no plain timm / open_clip model holds them
+    caps = Capabilities(all_params_every_step=True, export=False)
 
     def make_prompts(self) -> PromptModule:
         raise NotImplementedError
@@ -31,28 +30,14 @@ class PromptMethod(Method):
     def begin_task(self, task):
         self.add_task_classes(task)
         self.prompts.begin(task.index)
-        self.set_trainable(task)
+        # the task's prompts (the module's `trainable()`) and, with per-task linear heads, the task's own chunk
+        # (as the official classifier); CLIP's text head has nothing to train
+        self.model.set_trainable("head+owned", head=task.class_ids if hasattr(self.model.head, "chunk_of") else None)
 
-    def param_groups(self, task):
-        self.set_trainable(task)
-        return {"prompts": self.prompts.trainable(), "head": self.task_head_parameters(task)}
-
-    def loss(self, batch, task):
-        classes = self.run.train_classes(task)
-        loss = self.logits_loss(self.net(batch.x, classes), batch.y, classes)
+    def loss(self, net, batch, task):
+        loss = super().loss(net, batch, task)
         aux = self.prompts.aux_loss  # computed in the forward above
         return loss if aux is None else loss + aux
 
     def end_task(self, task):
         self.prompts.end()
-
-    def set_trainable(self, task):
-        self.model.set_trainable("none")
-        for p in self.prompts.trainable() + self.task_head_parameters(task):
-            p.requires_grad_(True)
-
-    def task_head_parameters(self, task) -> list[torch.nn.Parameter]:
-        head = self.model.head
-        if hasattr(head, "chunk_of"):  # LinearHead: the task's own chunk, as the official classifier
-            return list(head.chunk_of(task.class_ids).parameters())
-        return list(head.parameters())  # CLIP's text head: nothing to train

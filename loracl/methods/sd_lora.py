@@ -8,13 +8,15 @@ every task. No task identity at test time.
 - `variant: official` (the authors' code): n_k = ||up_k||_F ||down_k||_F for old directions, the current one
   unnormalised (n_t = 1) until it is frozen, magnitudes start at 0.8.
 - `variant: paper`: n_k = ||up_k down_k||_F for every direction, the current one included; magnitudes start at 1.
-- `sd-lora-rr`: rank 10 for tasks 0-3, 8 for tasks 4-7, 6 from task 8 on (the paper's rank reduction).
-- `sd-lora-kd`: after each task, least squares of the new normalised direction on the old ones (jointly over
+- `sd-lora-rr` (a named configuration): rank 10 for tasks 0-3, 8 for tasks 4-7, 6 from task 8 on (the paper's
+  rank reduction).
+- `sd-lora-kd` (a named configuration): after each task, least squares of the new normalised direction on the old ones (jointly over
   every layer, since the magnitudes are shared); if the relative residual is below `kd_threshold` the new
   direction is dropped and alpha_t d_k is added to the old magnitudes (the paper's knowledge absorption).
 
-The earlier directions of one weight are one `FrozenDirections` branch (models/branches.py): a per-step cost
-that stops growing with the task count, where the official code sums every earlier branch in each forward.
+The earlier directions of one weight are one `FrozenDirections` branch tagged `frozen` (models/branches.py): a
+per-step cost that stops growing with the task count, where the official code sums every earlier branch in each
+forward. The current direction is the branch tagged `current`.
 """
 
 from __future__ import annotations
@@ -24,11 +26,18 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..models.branches import FrozenDirections, Magnitudes, ScaledBranch, direction_norm, new_branch_factors
+from ..models.branches import (
+    FrozenDirections,
+    Magnitudes,
+    ScaledBranch,
+    direction_norm,
+    new_branch_factors,
+)
 from . import register
-from .base import LoRAOptions, Method
+from .base import Capabilities, LoRAOptions, Method, Variant
 
 NAME = "sd-lora magnitudes"
+CURRENT, FROZEN = "current", "frozen"
 
 
 class SDLoRAConfig(LoRAOptions):
@@ -63,8 +72,13 @@ class SDLoRA(Method):
 
     name = "sd-lora"
     Config = SDLoRAConfig
-    needs_lora = True
-    uses_all_trained_params = True
+    caps = Capabilities(lora=True, all_params_every_step=True)
+    variants = {
+        "sd-lora-rr": Variant("SD-LoRA-RR: SD-LoRA with the paper's rank reduction (10, then 8 from task 4, 6 from "
+                              "task 8).", settings={"rank_schedule": [[0, 10], [4, 8], [8, 6]]}),
+        "sd-lora-kd": Variant("SD-LoRA-KD: SD-LoRA with knowledge absorption of new directions that the old ones "
+                              "already span.", settings={"absorb": True}),
+    }
 
     @property
     def init(self) -> float:
@@ -77,8 +91,7 @@ class SDLoRA(Method):
         return "factors" if self.cfg.variant == "official" else "product"
 
     def setup(self):
-        c = self.cfg
-        self.model.inject_lora(c.targets, c.blocks, c.encoders)
+        self.model.inject_lora(self.cfg)
         self.magnitudes = self.model.own(NAME, Magnitudes(len(self.run.scenario), self.init))
 
     def begin_task(self, task):
@@ -89,38 +102,29 @@ class SDLoRA(Method):
         current = "none" if self.cfg.variant == "official" else "product"
         for s in self.model.adapter.sites:
             down, up = new_branch_factors(rank, s.d_in, s.d_out)
-            s.layer.append(s.slice, ScaledBranch(down, up, self.magnitudes, NAME, t, current))
-        self.model.set_trainable("lora+head")
-
-    def param_groups(self, task):
-        self.model.set_trainable("lora+head")
-        self.magnitudes.alpha.requires_grad_(True)
-        current = [p for s in self.model.adapter.sites for p in s.branches[-1].parameters()]
-        head = [p for p in self.model.head.parameters() if p.requires_grad]
-        return {"backbone": [self.magnitudes.alpha] + current, "head": head}
+            s.add(ScaledBranch(down, up, self.magnitudes, NAME, t, current), CURRENT)
+        self.magnitudes.learning = True
+        self.model.set_trainable("lora+head+owned")
 
     @torch.no_grad()
     def end_task(self, task):
-        self.magnitudes.alpha.requires_grad_(False)
-        sites = self.model.adapter.sites
-        new = [s.branches[-1] for s in sites]
-        for s in sites:
-            del s.branches[len(s.branches) - 1]
+        self.magnitudes.learning = False
+        self.model.set_trainable("none")
+        new = self.model.adapter.pop(CURRENT)
         if self.cfg.absorb and task.index > 0 and self.absorb(task.index, new):
             return
-        for s, br in zip(sites, new):
-            if not len(s.branches):  # the first task: the frozen sum of this weight starts
-                s.layer.append(s.slice, FrozenDirections(s.d_in, s.d_out, self.magnitudes, NAME))
-            s.branches[0].add(br.down, br.up, task.index, self.norm)
+        for s, br in zip(self.model.adapter.sites, new):
+            if s.get(FROZEN) is None:  # the first task: the frozen sum of this weight starts
+                s.add(FrozenDirections(s.d_in, s.d_out, self.magnitudes, NAME), FROZEN)
+            s.get(FROZEN).add(br.down, br.up, task.index, self.norm)
 
     def absorb(self, t: int, new: list[ScaledBranch]) -> bool:
         """SD-LoRA-KD: least squares of the new direction's contribution on the old normalised directions,
         all layers at once (the magnitudes are shared); absorbed when the relative residual is small."""
         olds, cur = [], []
         for s, br in zip(self.model.adapter.sites, new):
-            fd = s.branches[0]
-            olds.append(torch.stack([((fd.up * (fd.inv_norm * (fd.task == k))) @ fd.down).flatten()
-                                     for k in range(t)]))
+            fd = s.get(FROZEN)
+            olds.append(torch.stack([fd.direction(k).flatten() for k in range(t)]))
             cur.append((br.up @ br.down / direction_norm(br.down, br.up, br.norm)).flatten())
         d, residual = absorption_coefficients(torch.cat(olds, 1), torch.cat(cur))
         absorbed = residual < self.cfg.kd_threshold
@@ -130,23 +134,3 @@ class SDLoRA(Method):
             a = self.magnitudes.alpha
             a[:t] += a[t] * d.to(a.dtype)
         return absorbed
-
-
-@register
-class SDLoRARR(SDLoRA):
-    """SD-LoRA-RR: SD-LoRA with the paper's rank reduction (10, then 8 from task 4, 6 from task 8)."""
-
-    name = "sd-lora-rr"
-
-    class Config(SDLoRAConfig):
-        rank_schedule: list[list[int]] | None = [[0, 10], [4, 8], [8, 6]]
-
-
-@register
-class SDLoRAKD(SDLoRA):
-    """SD-LoRA-KD: SD-LoRA with knowledge absorption of new directions that the old ones already span."""
-
-    name = "sd-lora-kd"
-
-    class Config(SDLoRAConfig):
-        absorb: bool = True

@@ -37,13 +37,18 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from .. import dist
-from ..data.loader import derive_seed
-from ..errors import ConfigError
-from ..memory import EpisodicMemory
+from ..cl.memory import EpisodicMemory
+from ..cl.task_vectors import (
+    LowRankDelta,
+    TaskVector,
+    combined_delta,
+    resolve_lambda,
+    task_vector_of_branches,
+)
 from ..models.heads import LinearHead
-from ..task_vectors import LowRankDelta, TaskVector, combined_delta, resolve_lambda, task_vector_of_branches
+from ..models.lora import task_tag
 from . import register
-from .base import LoRAOptions, Method
+from .base import Capabilities, LoRAOptions, Method
 
 Lambda = float | Literal["1/N"]
 
@@ -90,17 +95,12 @@ class TaskArithmeticLoRA(Method):
 
     name = "ta-lora"
     Config = TALoRAConfig
-    needs_lora = True
-    uses_all_trained_params = True
-
-    def check(self):
-        if self.run.scenario.kind == "domain-incremental":
-            raise ConfigError("ta-lora needs tasks with their own classes (class-incremental or cross-dataset): "
-                              "each task's head is part of its task model")
+    # each task's head is part of its task model: tasks need their own classes
+    caps = Capabilities(lora=True, all_params_every_step=True, scenarios=("class-incremental", "cross-dataset"))
 
     def setup(self):
         c = self.cfg
-        self.model.inject_lora(c.targets, c.blocks, c.encoders)
+        self.model.inject_lora(c)
         self.memory = EpisodicMemory(self.run.scenario.tasks)
         self.task_vectors: list[TaskVector] = []
         self.task_heads: list[dict | None] = []
@@ -119,40 +119,35 @@ class TaskArithmeticLoRA(Method):
         self.restore_pretrained()
         self.model.adapter.clear()
         self.add_task_classes(task)
-        self.new_branches()
-        self.model.set_trainable("lora+head")
+        # PEFT's init: kaiming-uniform down, zero up (tau_i starts at 0); the task's head chunk trains with it
+        self.model.adapter.add_fresh(self.cfg.rank, self.cfg.scale, task_tag(task.index))
+        linear = isinstance(self.model.head, LinearHead)
+        self.model.set_trainable("lora+head", head=task.class_ids if linear else None)
 
-    def new_branches(self):
-        c = self.cfg
-        for s in self.model.adapter.sites:  # PEFT's init: kaiming-uniform down, zero up (tau_i starts at 0)
-            s.add_fresh_branch(c.rank, c.scale)
-
-    def param_groups(self, task):
-        return {"backbone": self.model.adapter.branch_parameters(), "head": self.task_head_parameters(task)}
-
-    def loss(self, batch, task):
-        ids = self.run.train_classes(task)
+    def loss(self, net, batch, task):
+        ids = self.run.classes.train(task)
         w = self.cfg.kl_weight
         if w == 0:
-            return self.cross_entropy(batch, ids)
-        logits, feats = self.net(batch.x, ids, return_features=True)
-        ce = self.logits_loss(logits, batch.y, ids)
+            return super().loss(net, batch, task)
+        logits, feats = net(batch.x, ids, return_features=True)
+        ce = self.cross_entropy(logits, batch.y, ids)
         with torch.no_grad(), self.model.adapter.inactive():  # theta_pre: the task's branch off
             f_pre = self.model.features(batch.x)
         return (1 - w) * ce + w * feature_kl(f_pre, feats, self.cfg.kl_target, self.cfg.kl_reduction)
 
     # ---- steps 2 and 3 ------------------------------------------------------------------------------
     def end_task(self, task):
-        self.task_vectors.append(task_vector_of_branches(self.model.adapter.sites))
+        self.task_vectors.append(task_vector_of_branches(self.model.adapter.sites, task_tag(task.index)))
         self.task_heads.append(self.task_head_state(task))
         self.model.adapter.clear()
-        self.memory.add_class_balanced(task, seed=derive_seed(self.run.cfg.seed, "memory", task.index),
+        self.memory.add_class_balanced(task, seed=self.run.seed("memory", task.index),
                                        per_class=self.cfg.memory_per_class)
         lam = self.choose_lambda(task)
         self.lambdas.append(lam)
         self.form_combined_model(lam)
         if self.cfg.eval_before_memory:
-            self.run.record("acc_matrix_before_memory", task.index, self.run.evaluate_row(task.index)[0])
+            self.run.record("acc_matrix_before_memory", task.index,
+                            self.run.evaluate_row(task.index, self.logits)[0])
         self.run.record("lambda", task.index, lam)
         if self.cfg.memory_every_task or task.index == len(self.run.scenario) - 1:
             self.memory_finetune(task)
@@ -185,37 +180,31 @@ class TaskArithmeticLoRA(Method):
         return max(cands, key=lambda x: scores[x])  # the first of equals
 
     def memory_accuracy(self, task) -> float:
-        ids = self.run.class_tensor(self.run.scenario.seen_classes(task.index))
-        hits = torch.zeros(2, dtype=torch.long, device=self.run.device)
+        ids = self.run.classes.tensor(self.run.scenario.seen_classes(task.index))
+        hits = torch.zeros(2, dtype=torch.long, device=self.model.device)
 
         def fn(b):
             hits[0] += (ids[self.logits(b.x, ids).argmax(-1)] == b.y).sum()
             hits[1] += len(b.y)
 
         self.model.eval()
-        self.run.forward_pass(self.memory.images(), fn, desc="lambda-select", train_transform=False)
+        self.run.forward_pass(self.memory.images(), fn, desc="lambda-select", view="test")
         dist.all_reduce_sum_(hits)
         return 100.0 * float(hits[0]) / max(int(hits[1]), 1)
 
     def memory_finetune(self, task) -> None:
         c = self.cfg
-        epochs = c.memory_epochs if c.memory_epochs is not None else self.run.cfg.epochs_for(task.index)
-        if len(self.memory) == 0 or epochs == 0:
+        if len(self.memory) == 0 or c.memory_epochs == 0:
             return
         if c.memory_train == "lora":
-            self.new_branches()
+            self.model.adapter.add_fresh(c.rank, c.scale, "memory")
             self.model.set_trainable("lora+head")
         else:
             self.model.set_trainable("full+head" if c.memory_train == "full" else "head")
-        groups = {"backbone": [p for p in self.model.backbone.parameters() if p.requires_grad],
-                  "head": [p for p in self.model.head.parameters() if p.requires_grad]}
-        opt = self.run.cfg.train.optimizer
-        if c.memory_lr is not None:
-            opt = opt.model_copy(update={"lr": c.memory_lr})
-        seen = self.run.class_tensor(self.run.scenario.seen_classes(task.index))
-        self.run.fit(task, phase="memory", images=self.memory.images(), epochs=epochs, groups=groups,
-                     loss_fn=lambda b, t: self.cross_entropy(b, seen), optimizer=opt,
-                     batch_size=c.memory_batch_size)
+        seen = self.run.classes.tensor(self.run.scenario.seen_classes(task.index))
+        self.run.fit(task, phase="memory", images=self.memory.images(), epochs=c.memory_epochs,
+                     groups=self.model.param_groups(), loss=lambda net, b, t: self.cross_entropy(net(b.x, seen), b.y, seen),
+                     lr=c.memory_lr, batch_size=c.memory_batch_size)
         self.model.set_trainable("none")
 
     # ---- helpers ------------------------------------------------------------------------------------
@@ -223,12 +212,6 @@ class TaskArithmeticLoRA(Method):
     def restore_pretrained(self) -> None:
         for p, saved in self.theta_pre:
             p.copy_(saved)
-
-    def task_head_parameters(self, task) -> list[torch.nn.Parameter]:
-        head = self.model.head
-        if isinstance(head, LinearHead):
-            return list(head.chunk_of(task.class_ids).parameters())
-        return [p for p in head.parameters() if p.requires_grad]
 
     def task_head_state(self, task) -> dict | None:
         if not isinstance(self.model.head, LinearHead):

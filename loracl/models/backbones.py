@@ -17,10 +17,12 @@ import torch
 import torch.nn as nn
 
 from ..config import BackboneConfig
-from ..errors import WeightsError
-from .lora import LoRAAdapter, build_sites
+from ..errors import ConfigError, WeightsError
+from .attention import attach_mha
+from .lora import LoRAAdapter, Site, attach_linear, attach_parallel
 
-PROJECTION_KINDS = ("q", "k", "v", "out", "fc1", "fc2")
+# the weights a branch can adapt, and `mlp`: parallel adapters beside each block's MLP (no weight to merge into)
+PROJECTION_KINDS = ("q", "k", "v", "out", "fc1", "fc2", "mlp")
 
 
 def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
@@ -115,28 +117,56 @@ class Backbone(nn.Module):
     def data_config(self) -> dict:
         raise NotImplementedError
 
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Every weight of the encoders (what full fine-tuning trains): not the LoRA branches, not the pretrained
+        head kept for retention, not CLIP's temperature (it stays the pretrained constant)."""
+        return [p for n, p in self.model.named_parameters()
+                if ".lora" not in n and n.split(".")[-1] not in ("logit_scale", "logit_bias")]
+
     # ---- shared
     def inject_lora(self, kinds: list[str], blocks: list[int] | None = None,
                     encoders: list[str] | None = None) -> LoRAAdapter:
         """Attach LoRA layers to the chosen projections; returns the adapter with one site per projection."""
         bad = set(kinds) - set(PROJECTION_KINDS)
         if bad:
-            raise ValueError(f"unknown LoRA target(s) {sorted(bad)}; choose from {PROJECTION_KINDS}")
+            raise ConfigError(f"unknown LoRA target(s) {sorted(bad)} in method.targets; choose from "
+                              f"{', '.join(PROJECTION_KINDS)}")
         all_blocks = self.encoder_blocks()
         encoders = encoders or list(all_blocks)
         specs = []
         for enc in encoders:
             if enc not in all_blocks:
-                raise ValueError(f"backbone has no encoder '{enc}' (has {list(all_blocks)})")
+                raise ConfigError(f"method.encoders: the backbone has no encoder '{enc}' (it has "
+                                  f"{', '.join(all_blocks)})")
             idx = range(len(all_blocks[enc])) if blocks is None else blocks
             for b in idx:
                 if not 0 <= b < len(all_blocks[enc]):
-                    raise ValueError(f"block {b} out of range for encoder '{enc}' ({len(all_blocks[enc])} blocks)")
+                    raise ConfigError(f"method.blocks: block {b} is out of range for encoder '{enc}' "
+                                      f"({len(all_blocks[enc])} blocks)")
                 projections = self.block_projections(all_blocks[enc][b])
                 for kind in kinds:
                     host, wname, rows = projections[kind]
                     specs.append((enc, b, kind, host, wname, rows))
         return LoRAAdapter(build_sites(specs))
+
+
+def build_sites(projections) -> list[Site]:
+    """Sites from (encoder, block, kind, host module, weight name, rows) tuples: a Linear gets a hooked layer,
+    nn.MultiheadAttention's fused in-projection its patched forward, a weightless host (None) parallel adapters."""
+    sites = []
+    for encoder, block, kind, host, weight_name, rows in projections:
+        if weight_name is None:
+            layer = attach_parallel(host, rows[0], rows[1])
+            sites.append(Site(encoder, block, kind, layer, "mlp"))
+            continue
+        if isinstance(host, nn.MultiheadAttention):
+            layer = attach_mha(host, {kind: rows})
+        elif isinstance(host, nn.Linear):
+            layer = attach_linear(host, {kind: rows})
+        else:
+            raise TypeError(f"cannot attach LoRA to {type(host).__name__}")
+        sites.append(Site(encoder, block, kind, layer, kind))
+    return sites
 
 
 class TimmViT(Backbone):
@@ -204,6 +234,7 @@ class TimmViT(Backbone):
         out["out"] = (attn.proj, "weight", (0, attn.proj.out_features))
         out["fc1"] = (mlp.fc1, "weight", (0, mlp.fc1.out_features))
         out["fc2"] = (mlp.fc2, "weight", (0, mlp.fc2.out_features))
+        out["mlp"] = (mlp, None, (mlp.fc1.in_features, mlp.fc2.out_features))  # (d_in, d_out) of the MLP
         return out
 
     def data_config(self) -> dict:
@@ -308,7 +339,8 @@ class OpenCLIP(Backbone):
                 "v": (attn, "in_proj_weight", (2 * d, 3 * d)),
                 "out": (attn.out_proj, "weight", (0, d)),
                 "fc1": (mlp.c_fc, "weight", (0, mlp.c_fc.out_features)),
-                "fc2": (mlp.c_proj, "weight", (0, mlp.c_proj.out_features))}
+                "fc2": (mlp.c_proj, "weight", (0, mlp.c_proj.out_features)),
+                "mlp": (mlp, None, (mlp.c_fc.in_features, mlp.c_proj.out_features))}
 
     def data_config(self) -> dict:
         pc = dict(getattr(self.model.visual, "preprocess_cfg", {}) or {})

@@ -1,10 +1,11 @@
 """Kinds of LoRA branch, and the one initialiser of a new trainable branch.
 
 A branch is a module with `forward(x)` (its output on input x), `delta_weight()` (the same as a d_out x d_in
-matrix, for merges), `dtype`, `restore_trainable()` (its own requires_grad flags) and `spec()` (a dict naming
-its `kind` and shapes) from which `BRANCH_KINDS[kind].from_spec(spec, shared)` rebuilds an empty one before a
-checkpoint is loaded; `shared` maps names to modules the model owns, for kinds whose scale is a parameter
-shared across layers (SD-LoRA's magnitudes). A new kind is a class decorated with `@branch_kind`.
+matrix, for merges; a parallel adapter has none), `dtype`, `restore_trainable()` (sets its requires_grad flags
+as it declares them), `freeze()` (declares it frozen for good) and `spec()` (a dict naming its `kind` and
+shapes) from which `BRANCH_KINDS[kind].from_spec(spec, shared)` rebuilds an empty one before a checkpoint is
+loaded; `shared` maps names to modules the model owns, for kinds whose scale is a parameter shared across
+layers (SD-LoRA's magnitudes). A new kind is a class decorated with `@branch_kind`.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class Branch(nn.Module):
         self.down.requires_grad_(self.train_down)
         self.up.requires_grad_(self.train_up)
 
+    def freeze(self) -> None:
+        self.train_down = self.train_up = False
+        self.restore_trainable()
+
     def spec(self) -> dict:
         return {"kind": self.kind, "d_in": self.down.shape[1], "d_out": self.up.shape[0], "rank": self.rank,
                 "scale": self.scale, "train_down": self.train_down, "train_up": self.train_up}
@@ -77,40 +82,6 @@ class Branch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}"
-
-
-@branch_kind
-class DenseSum(nn.Module):
-    """Several branches applied as one dense matrix formed in every forward (sum of B_k A_k, then x W^T), as
-    the official InfLoRA code does: the cost grows with the number of branches and is d_out x d_in per token.
-    loracl's reference loop in `loracl bench` uses it (`LoRAAdapter.dense_sums`); runs never do."""
-
-    kind = "dense-sum"
-
-    def __init__(self, branches):
-        super().__init__()
-        self.parts = nn.ModuleList(branches)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.parts[0].dtype
-
-    def delta_weight(self) -> torch.Tensor:
-        return sum(br.delta_weight() for br in self.parts)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.delta_weight())
-
-    def restore_trainable(self) -> None:
-        for br in self.parts:
-            br.restore_trainable()
-
-    def spec(self) -> dict:
-        return {"kind": self.kind, "parts": [br.spec() for br in self.parts]}
-
-    @classmethod
-    def from_spec(cls, sp: dict, shared=None) -> "DenseSum":
-        return cls([branch_from_spec(p, shared) for p in sp["parts"]])
 
 
 def branch_from_spec(sp: dict, shared=None) -> nn.Module:
@@ -129,13 +100,19 @@ def branch_from_spec(sp: dict, shared=None) -> nn.Module:
 class Magnitudes(nn.Module):
     """One magnitude per task, shared by every layer's directions: `alpha[k]` scales task k's direction.
     Its whole effect is in the branches' delta weights, so a model whose branches are merged no longer needs it
-    (`loracl export` rebuilds it from its structure alone, merges and drops it)."""
+    (`folds_into_branches`: `loracl export` merges and drops it)."""
 
     kind = "magnitudes"
+    group = "backbone"  # the optimiser group it trains in
+    folds_into_branches = True
 
     def __init__(self, n: int, init: float = 1.0):
         super().__init__()
         self.alpha = nn.Parameter(torch.full((n,), float(init)))
+        self.learning = False  # every magnitude trains while a task is learned
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [self.alpha] if self.learning else []
 
     def structure(self) -> dict:
         return {"kind": self.kind, "n": self.alpha.numel()}
@@ -191,6 +168,9 @@ class ScaledBranch(nn.Module):
         self.down.requires_grad_(True)
         self.up.requires_grad_(True)
 
+    def freeze(self) -> None:
+        raise TypeError("a scaled branch is frozen by moving it into the frozen directions (FrozenDirections.add)")
+
     def spec(self) -> dict:
         return {"kind": self.kind, "d_in": self.down.shape[1], "d_out": self.up.shape[0], "rank": self.rank,
                 "magnitudes": self.magnitudes_name, "index": self.index, "norm": self.norm}
@@ -244,6 +224,10 @@ class FrozenDirections(nn.Module):
     def coefficients(self) -> torch.Tensor:
         return self.magnitudes.alpha[self.task] * self.inv_norm
 
+    def direction(self, k: int) -> torch.Tensor:
+        """Task k's frozen direction, normalised, without its magnitude: up_k @ down_k / norm_k (d_out x d_in)."""
+        return (self.up * (self.inv_norm * (self.task == k))) @ self.down
+
     def delta_weight(self) -> torch.Tensor:
         return (self.up * self.coefficients()) @ self.down
 
@@ -275,6 +259,9 @@ class FrozenDirections(nn.Module):
     def restore_trainable(self) -> None:
         pass  # frozen: only the shared magnitudes train
 
+    def freeze(self) -> None:
+        pass
+
     def spec(self) -> dict:
         return {"kind": self.kind, "d_in": self.down.shape[1], "d_out": self.up.shape[0], "ranks": self.ranks,
                 "magnitudes": self.magnitudes_name}
@@ -288,3 +275,45 @@ class FrozenDirections(nn.Module):
         fd.task = torch.cat([torch.full((r,), k, dtype=torch.long) for k, r in enumerate(sp["ranks"])]) \
             if R else torch.zeros(0, dtype=torch.long)
         return fd
+
+
+@branch_kind
+class Adapter(nn.Module):
+    """A parallel bottleneck adapter (AdaptFormer): scale * up(relu(down(x))), beside a block's MLP on its input;
+    `up` starts at zero, so a new adapter changes nothing. Not linear in x: it cannot be merged into a weight."""
+
+    kind = "adapter"
+
+    def __init__(self, d_in: int, d_out: int, width: int, scale: float = 0.1, trainable: bool = True):
+        super().__init__()
+        self.down = nn.Linear(d_in, width)
+        self.up = nn.Linear(width, d_out)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.scale, self.trainable = float(scale), trainable
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.down.weight.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * self.up(F.relu(self.down(x)))
+
+    def delta_weight(self) -> torch.Tensor:
+        raise TypeError("a parallel adapter is not linear in its input: it cannot be merged into a weight")
+
+    def restore_trainable(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(self.trainable)
+
+    def freeze(self) -> None:
+        self.trainable = False
+        self.restore_trainable()
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "d_in": self.down.in_features, "d_out": self.up.out_features,
+                "width": self.down.out_features, "scale": self.scale, "trainable": self.trainable}
+
+    @classmethod
+    def from_spec(cls, sp: dict, shared=None) -> "Adapter":
+        return cls(sp["d_in"], sp["d_out"], sp["width"], sp["scale"], sp["trainable"])

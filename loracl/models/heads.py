@@ -35,13 +35,19 @@ class Head(nn.Module):
 
 
 class LinearHead(Head):
-    """Per-task linear (or cosine) chunks; logits for any known class ids, in the requested order."""
+    """Per-task linear (or cosine) chunks; logits for any known class ids, in the requested order.
+
+    Owned by a method beside the model's head (KeepLoRA+'s cosine head), it trains the chunk of the classes in
+    `learning`, in the optimiser group "head"."""
+
+    group = "head"
 
     def __init__(self, dim: int, cosine: bool = False, scale: float = 30.0):
         super().__init__()
         self.dim, self.cosine, self.scale = dim, cosine, scale
         self.chunks = nn.ModuleList()
         self.chunk_ids: list[list[int]] = []
+        self.learning: list[int] | None = None
         self.register_buffer("column_of", torch.full((0,), -1, dtype=torch.long), persistent=False)
 
     def _reindex(self):
@@ -94,6 +100,9 @@ class LinearHead(Head):
         logits = F.pad(self.all_logits(feats), (0, 1))  # a zero column for the unknown ids
         out = logits.index_select(-1, torch.where(known, cols, logits.shape[-1] - 1).to(logits.device))
         return out * known.all().to(out.device)
+
+    def trainable(self) -> list[nn.Parameter]:
+        return list(self.chunk_of(self.learning).parameters()) if self.learning else []
 
     def chunk_of(self, ids) -> nn.Linear:
         for c, cids in zip(self.chunks, self.chunk_ids):

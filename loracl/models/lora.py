@@ -7,7 +7,13 @@ InfLoRA's paper calls `down` B_t and `up` A_t; PEFT calls them lora_A and lora_B
 A `LoRALayer` owns every branch on one weight matrix. A fused projection (timm's `qkv`, CLIP's
 `in_proj_weight`) is one layer with row slices `q`, `k`, `v`, so each slice has its own branches and they
 all see the same input. Layers call their *taps* with the layer input on every forward: this is how the
-token statistics of InfLoRA and KeepLoRA are collected without touching the model code.
+token statistics of InfLoRA and KeepLoRA are collected without touching the model code. A layer can also
+sit on a module without a weight of its own (a block's MLP): its branches are then parallel adapters, which
+add to the module's output and cannot be merged.
+
+Branches are named, never addressed by position: each has a tag (`task3`, `frozen`, ...) unique on its slice,
+and methods add, pop, freeze and merge them by tag (`Site`, `LoRAAdapter`). The tag is the branch's key in the
+state dict (`...lora.branches.q.task3.down`); checkpoints written before tags existed name them by position.
 
 The layer is a child of the module that owns the weight (`attn.qkv.lora`, `attn.lora_in`), so the
 model's state dict holds the branches and the weights keep their original names.
@@ -17,54 +23,59 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from .branches import Branch, DenseSum, branch_from_spec, new_branch_factors
+from .branches import Branch, branch_from_spec, new_branch_factors
+
+
+def task_tag(t: int) -> str:
+    """The tag of the branch a method adds for task t."""
+    return f"task{t}"
 
 
 class LoRALayer(nn.Module):
-    """All branches on one weight matrix, keyed by row slice (`q`, `k`, `v` of a fused projection, or `all`)."""
+    """All branches on one weight matrix, keyed by row slice (`q`, `k`, `v` of a fused projection, or `all`),
+    then by tag. `weight_name` None: a layer on a module without a weight (parallel adapters, `dims` given)."""
 
-    def __init__(self, host: nn.Module, weight_name: str, slices: dict[str, tuple[int, int]]):
+    def __init__(self, host: nn.Module, weight_name: str | None, slices: dict[str, tuple[int, int]],
+                 dims: tuple[int, int] | None = None):
         super().__init__()
         self.__dict__["_host"] = host  # plain attribute: the host owns us, not the other way round
         self.weight_name = weight_name
+        self.dims = dims
         self.slices = dict(slices)
-        self.branches = nn.ModuleDict({name: nn.ModuleList() for name in slices})
+        self.branches = nn.ModuleDict({name: nn.ModuleDict() for name in slices})
         self.taps: dict[int, Callable[[torch.Tensor], None]] = {}
         self.active = True  # False: branches are skipped (the weight alone is used)
         self._next_tap = 0
 
     @property
     def weight(self) -> nn.Parameter:
+        if self.weight_name is None:
+            raise TypeError("this LoRA layer sits on a module without a weight (parallel adapters)")
         return getattr(self._host, self.weight_name)
 
     @property
+    def device(self) -> torch.device:
+        return next(self._host.parameters()).device
+
+    @property
     def d_in(self) -> int:
-        return self.weight.shape[1]
+        return self.weight.shape[1] if self.weight_name is not None else self.dims[0]
 
     def slice_weight(self, name: str) -> torch.Tensor:
         """A view of the rows of W that `name` covers (writes go to W)."""
         a, b = self.slices[name]
         return self.weight[a:b]
 
-    def add_branch(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0,
-                   train_down: bool = True, train_up: bool = True) -> Branch:
-        a, b = self.slices[name]
-        if up.shape[0] != b - a or down.shape[1] != self.d_in:
-            raise ValueError(f"branch for slice {name} must be ({b - a} x r) @ (r x {self.d_in}); "
-                             f"got up {tuple(up.shape)}, down {tuple(down.shape)}")
-        w = self.weight
-        return self.append(name, Branch(down.to(w.device, torch.float32), up.to(w.device, torch.float32), scale,
-                                        train_down, train_up))
-
-    def append(self, name: str, branch: nn.Module) -> nn.Module:
-        """Add a branch of any kind to slice `name` (on the weight's device)."""
-        self.branches[name].append(branch.to(self.weight.device))
+    def add(self, name: str, branch: nn.Module, tag: str) -> nn.Module:
+        """Add a branch of any kind to slice `name` under `tag` (on the layer's device)."""
+        if tag in self.branches[name]:
+            raise ValueError(f"slice {name} already holds a branch tagged '{tag}'")
+        self.branches[name][tag] = branch.to(self.device)
         return branch
 
     def add_tap(self, fn: Callable[[torch.Tensor], None]) -> int:
@@ -76,7 +87,8 @@ class LoRALayer(nn.Module):
         self.taps.pop(handle, None)
 
     def branch_delta(self, branches, x: torch.Tensor) -> torch.Tensor:
-        """The summed output of `branches` on input x, each branch low-rank (down, then up)."""
+        """The summed output of `branches` (in the order they were added) on input x."""
+        branches = list(branches)
         xin = x.to(branches[0].dtype) if not torch.is_autocast_enabled() else x
         delta = branches[0](xin)
         for br in branches[1:]:
@@ -93,7 +105,7 @@ class LoRALayer(nn.Module):
             if len(branches) == 0:
                 continue
             a, b = self.slices[name]
-            delta = self.branch_delta(branches, x).to(out.dtype)
+            delta = self.branch_delta(branches.values(), x).to(out.dtype)
             if a == 0 and b == out.shape[-1]:
                 out = out + delta
             else:
@@ -106,36 +118,35 @@ class LoRALayer(nn.Module):
         w.add_(delta.to(w.device, w.dtype))
 
     @torch.no_grad()
-    def merge(self, name: str, index: int = -1) -> nn.Module:
-        """Fold branch `index` of slice `name` into W and remove it; returns it (for `unmerge`). A branch
+    def merge(self, name: str, tag: str) -> nn.Module:
+        """Fold branch `tag` of slice `name` into W and remove it; returns it (for `unmerge`). A branch
         whose weights are not finite is refused: merging it would poison the weight for every later task."""
-        br = self.branches[name][index]
+        br = self.branches[name][tag]
         delta = br.delta_weight()
         if not bool(torch.isfinite(delta).all()):
             raise FloatingPointError(f"refusing to merge a LoRA branch with non-finite weights into "
                                      f"{self.weight_name} (slice {name}): the weight is left as it was")
         self.add_to_weight(name, delta)
-        keep = [b for i, b in enumerate(self.branches[name]) if i != index % len(self.branches[name])]
-        self.branches[name] = nn.ModuleList(keep)
+        del self.branches[name][tag]
         return br
 
     @torch.no_grad()
-    def unmerge(self, name: str, branch: Branch) -> None:
+    def unmerge(self, name: str, branch: nn.Module, tag: str) -> None:
         """Take a merged branch back out of W and make it live again."""
         self.add_to_weight(name, -branch.delta_weight())
-        self.branches[name].append(branch)
+        self.add(name, branch, tag)
 
     def extra_repr(self) -> str:
-        return f"{self.weight_name}, slices={list(self.slices)}"
+        return f"{self.weight_name or 'parallel'}, slices={list(self.slices)}"
 
 
 @dataclass(frozen=True, eq=False)
 class Site:
-    """One adapted projection: a row slice of one weight in one block of one encoder."""
+    """One adapted projection: a row slice of one weight in one block of one encoder, and its named branches."""
 
     encoder: str
     block: int
-    kind: str  # q, k, v, out, fc1, fc2
+    kind: str  # q, k, v, out, fc1, fc2; mlp (parallel adapters beside a block's MLP)
     layer: LoRALayer
     slice: str
 
@@ -156,82 +167,42 @@ class Site:
         return self.layer.slice_weight(self.slice)
 
     @property
-    def branches(self) -> nn.ModuleList:
+    def branches(self) -> nn.ModuleDict:
+        """tag -> branch, in the order they were added (read it; change it with the verbs below)."""
         return self.layer.branches[self.slice]
 
-    def add_branch(self, down, up, scale=1.0, train_down=True, train_up=True) -> Branch:
-        return self.layer.add_branch(self.slice, down, up, scale, train_down, train_up)
+    def get(self, tag: str) -> nn.Module | None:
+        return self.branches[tag] if tag in self.branches else None
 
-    def add_fresh_branch(self, rank: int, scale: float = 1.0) -> Branch:
+    def add(self, branch: nn.Module, tag: str) -> nn.Module:
+        return self.layer.add(self.slice, branch, tag)
+
+    def add_lora(self, down, up, *, tag: str, scale: float = 1.0, train_down: bool = True,
+                 train_up: bool = True) -> Branch:
+        """A plain LoRA branch scale * up @ down, its factors' trainability declared."""
+        if up.shape[0] != self.d_out or down.shape[1] != self.d_in:
+            raise ValueError(f"branch for {self.name} must be ({self.d_out} x r) @ (r x {self.d_in}); "
+                             f"got up {tuple(up.shape)}, down {tuple(down.shape)}")
+        return self.add(Branch(down.float(), up.float(), scale, train_down, train_up), tag)
+
+    def add_fresh(self, rank: int, scale: float, tag: str) -> Branch:
         """A new trainable branch that starts at zero output (`new_branch_factors`)."""
-        return self.add_branch(*new_branch_factors(rank, self.d_in, self.d_out), scale)
+        return self.add_lora(*new_branch_factors(rank, self.d_in, self.d_out), tag=tag, scale=scale)
 
-    def merge(self, index: int = -1) -> Branch:
-        return self.layer.merge(self.slice, index)
+    def pop(self, tag: str) -> nn.Module:
+        br = self.branches[tag]
+        del self.branches[tag]
+        return br
+
+    def freeze(self, tag: str) -> None:
+        """Branch `tag` stops training for good (its declared flags say so, in checkpoints too)."""
+        self.branches[tag].freeze()
+
+    def merge(self, tag: str) -> nn.Module:
+        return self.layer.merge(self.slice, tag)
 
     def add_to_weight(self, delta: torch.Tensor) -> None:
         self.layer.add_to_weight(self.slice, delta)
-
-
-# --------------------------------------------------------------------------------------------------
-# nn.MultiheadAttention computes q, k, v from `in_proj_weight` inside a functional call, so no module
-# hook can see them. `LoRAMultiheadAttention` is the same module (same parameters, same state dict)
-# with a forward that routes the fused projection through its LoRA layer and calls `out_proj` as a
-# module, so the out-projection's LoRA layer (a normal Linear hook) fires too.
-
-
-class LoRAMultiheadAttention(nn.MultiheadAttention):
-    lora_in: LoRALayer
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
-                average_attn_weights=True, is_causal=False):
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        E, H = self.embed_dim, self.num_heads
-        w, bias = self.in_proj_weight, self.in_proj_bias
-        if query is key and key is value:
-            qkv = self.lora_in.apply_branches(query, F.linear(query, w, bias))
-            q, k, v = qkv.split(E, dim=-1)
-        else:  # cross-attention: each slice sees its own input
-            parts = []
-            for (name, (a, b)), x in zip((("q", (0, E)), ("k", (E, 2 * E)), ("v", (2 * E, 3 * E))),
-                                         (query, key, value)):
-                y = F.linear(x, w[a:b], None if bias is None else bias[a:b])
-                if name in self.lora_in.slices:
-                    for br in self.lora_in.branches[name]:
-                        y = y + br(x).to(y.dtype)
-                parts.append(y)
-            q, k, v = parts
-        B, L, _ = q.shape
-        S = k.shape[1]
-        prefix = getattr(self, "prefix", None)  # prompt methods: per-sample (keys, values), B x P x E each
-        if prefix is not None:
-            k, v = torch.cat([prefix[0].to(k.dtype), k], 1), torch.cat([prefix[1].to(v.dtype), v], 1)
-        q = q.view(B, L, H, E // H).transpose(1, 2)
-        k = k.view(B, -1, H, E // H).transpose(1, 2)
-        v = v.view(B, -1, H, E // H).transpose(1, 2)
-        mask = None
-        if attn_mask is not None:
-            mask = attn_mask
-            if mask.dtype == torch.bool:
-                mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill(mask, float("-inf"))
-            mask = mask.to(q.dtype)
-            if mask.dim() == 3:  # (B*H, L, S)
-                mask = mask.view(B, H, L, S)
-        if key_padding_mask is not None:
-            kpm = key_padding_mask
-            if kpm.dtype == torch.bool:
-                kpm = torch.zeros_like(kpm, dtype=q.dtype).masked_fill(kpm, float("-inf"))
-            kpm = kpm.to(q.dtype).view(B, 1, 1, S)
-            mask = kpm if mask is None else mask + kpm
-        if prefix is not None and mask is not None:  # prefix keys are never masked
-            mask = F.pad(mask, (prefix[0].shape[1], 0))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-                                           is_causal=bool(is_causal and mask is None))
-        o = self.out_proj(o.transpose(1, 2).reshape(B, L, E))
-        if not self.batch_first:
-            o = o.transpose(0, 1)
-        return o, None
 
 
 def _linear_hook(module: nn.Module, args, output):
@@ -242,7 +213,7 @@ def _extend(layer: LoRALayer, slices: dict[str, tuple[int, int]]) -> LoRALayer:
     for name, rows in slices.items():
         if name not in layer.slices:
             layer.slices[name] = rows
-            layer.branches[name] = nn.ModuleList()
+            layer.branches[name] = nn.ModuleDict()
     return layer
 
 
@@ -254,14 +225,13 @@ def attach_linear(linear: nn.Linear, slices: dict[str, tuple[int, int]]) -> LoRA
     return _extend(linear.lora, slices)
 
 
-def attach_mha(mha: nn.MultiheadAttention, slices: dict[str, tuple[int, int]]) -> LoRALayer:
-    """Attach (or extend) the LoRA layer of an nn.MultiheadAttention's fused in-projection."""
-    if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
-        raise ValueError("LoRA on nn.MultiheadAttention needs a fused in_proj_weight without bias_k/add_zero_attn")
-    if not isinstance(mha, LoRAMultiheadAttention):
-        mha.__class__ = LoRAMultiheadAttention
-        mha.lora_in = LoRALayer(mha, "in_proj_weight", {})
-    return _extend(mha.lora_in, slices)
+def attach_parallel(module: nn.Module, d_in: int, d_out: int) -> LoRALayer:
+    """Attach the layer of parallel adapters beside `module` (a block's MLP): its branches see the module's input
+    and add to its output (AdaptFormer; MoE-Adapters' experts)."""
+    if not hasattr(module, "lora"):
+        module.lora = LoRALayer(module, None, {"mlp": (0, d_out)}, dims=(d_in, d_out))
+        module._lora_hook = module.register_forward_hook(_linear_hook)
+    return module.lora
 
 
 class LoRAAdapter:
@@ -293,15 +263,35 @@ class LoRAAdapter:
     def live_branches(self) -> int:
         return sum(len(s.branches) for s in self.sites)
 
-    def merge_all(self) -> None:
+    # ---- every site at once, by tag ----------------------------------------------------------------
+    def add_fresh(self, rank: int, scale: float, tag: str) -> None:
+        """A new zero-output trainable branch `tag` on every site (PEFT's init: kaiming-uniform down, zero up)."""
         for s in self.sites:
-            while len(s.branches):
-                s.merge(0)
+            s.add_fresh(rank, scale, tag)
+
+    def branches(self, tag: str) -> list[nn.Module]:
+        """Branch `tag` of every site that holds one, in site order."""
+        return [s.branches[tag] for s in self.sites if tag in s.branches]
+
+    def freeze(self, tag: str) -> None:
+        for s in self.sites:
+            if tag in s.branches:
+                s.freeze(tag)
+
+    def pop(self, tag: str) -> list[nn.Module]:
+        """Remove branch `tag` from every site; returns them in site order."""
+        return [s.pop(tag) for s in self.sites if tag in s.branches]
+
+    def merge_all(self) -> None:
+        """Fold every live branch into its weight, in the order they were added."""
+        for s in self.sites:
+            for tag in list(s.branches):
+                s.merge(tag)
 
     def clear(self) -> None:
         for layer in self.layers:
             for name in layer.branches:
-                layer.branches[name] = nn.ModuleList()
+                layer.branches[name] = nn.ModuleDict()
 
     @contextlib.contextmanager
     def inactive(self):
@@ -315,44 +305,15 @@ class LoRAAdapter:
             for layer, a in zip(self.layers, old):
                 layer.active = a
 
-    @contextlib.contextmanager
-    def dense_sums(self):
-        """Temporarily apply each slice's branches as one `DenseSum` (the official codes' forward)."""
-        saved = []
-        for layer in self.layers:
-            for name, branches in layer.branches.items():
-                if len(branches):
-                    saved.append((layer, name, branches))
-                    layer.branches[name] = nn.ModuleList([DenseSum(list(branches))])
-        try:
-            yield
-        finally:
-            for layer, name, branches in saved:
-                layer.branches[name] = branches
-
     def structure(self) -> list[list[dict]]:
-        return [[br.spec() for br in s.branches] for s in self.sites]
+        return [[{**br.spec(), "tag": tag} for tag, br in s.branches.items()] for s in self.sites]
 
     def rebuild(self, structure: list[list[dict]], shared=None) -> None:
-        """Recreate empty branches of the given kinds and shapes (before loading a state dict); `shared`: the
-        modules the model owns, for kinds that share a parameter across layers."""
+        """Recreate empty branches of the given kinds, shapes and tags (before loading a state dict); `shared`:
+        the modules the model owns, for kinds that share a parameter across layers."""
         if len(structure) != len(self.sites):
             raise ValueError("checkpoint LoRA structure does not match the model's adapted sites")
         self.clear()
         for site, specs in zip(self.sites, structure):
-            for sp in specs:
-                site.layer.append(site.slice, branch_from_spec(sp, shared))
-
-
-def build_sites(projections: Iterable[tuple[str, int, str, nn.Module, str, tuple[int, int]]]) -> list[Site]:
-    """Create sites from (encoder, block, kind, host module, weight name, rows) tuples."""
-    sites = []
-    for encoder, block, kind, host, weight_name, rows in projections:
-        if isinstance(host, nn.MultiheadAttention):
-            layer = attach_mha(host, {kind: rows})
-        elif isinstance(host, nn.Linear):
-            layer = attach_linear(host, {kind: rows})
-        else:
-            raise TypeError(f"cannot attach LoRA to {type(host).__name__}")
-        sites.append(Site(encoder, block, kind, layer, kind))
-    return sites
+            for i, sp in enumerate(specs):
+                site.add(branch_from_spec(sp, shared), str(sp.get("tag", i)))  # untagged: by position (older)

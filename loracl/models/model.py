@@ -1,4 +1,9 @@
-"""The model every method trains: a pretrained backbone, its LoRA adapter and a head over global class ids."""
+"""The model every method trains: a pretrained backbone, its LoRA adapter and a head over global class ids.
+
+What trains is declared on the model (`set_trainable`), on the branches (their factors' flags) and on the modules
+a method owns (their `trainable()`), and the model applies the declaration again whenever it is rebuilt from a
+checkpoint: a resumed run trains exactly what the uninterrupted one did, and `param_groups` is a pure query.
+"""
 
 from __future__ import annotations
 
@@ -21,14 +26,19 @@ class ContinualModel(nn.Module):
         # modules a method owns (a cosine head, prompt pools, shared magnitudes): registered here so that DDP
         # averages their gradients, checkpoints hold them and .to(device) moves them; no method all-reduces
         self.owned = nn.ModuleDict()
+        self._trainable: tuple[frozenset, tuple | None] = (frozenset(), None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
 
     def own(self, name: str, module: nn.Module) -> nn.Module:
-        """Register a method's module with the model (once per name; create it in `setup` or rebuild it from
-        `structure` so that a resumed run finds it before the state dict is loaded)."""
+        """Register a method's module with the model (once per name; create it in `setup` so that a resumed run
+        finds it before the state dict is loaded). What of it trains is its `trainable()` (default: all of it),
+        in the optimiser group its `group` names (default "backbone")."""
         if name in self.owned:
             raise ValueError(f"the model already owns a module named '{name}'")
-        dev = next(self.backbone.parameters()).device
-        self.owned[name] = module.to(dev)
+        self.owned[name] = module.to(self.device)
         return module
 
     @property
@@ -51,33 +61,61 @@ class ContinualModel(nn.Module):
         logits = self.head(feats, class_ids)
         return (logits, feats) if return_features else logits
 
-    def inject_lora(self, kinds: list[str], blocks: list[int] | None = None,
-                    encoders: list[str] | None = None) -> LoRAAdapter:
-        """Attach LoRA layers once per run; methods then add, train and merge branches on its sites."""
+    def inject_lora(self, options) -> LoRAAdapter:
+        """Attach LoRA layers once per run where `options` (a method's LoRAOptions: targets, blocks, encoders)
+        says; methods then add, train and merge named branches on its sites."""
+        return self._inject(list(options.targets), options.blocks, options.encoders)
+
+    def _inject(self, kinds: list[str], blocks: list[int] | None, encoders: list[str] | None) -> LoRAAdapter:
         if self.adapter is not None:
             raise RuntimeError("LoRA is already injected into this model")
         self.adapter = self.backbone.inject_lora(kinds, blocks, encoders)
         self.lora_spec = {"kinds": list(kinds), "blocks": blocks, "encoders": encoders}
-        dev = next(self.backbone.parameters()).device
-        self.backbone.to(dev)
+        self.backbone.to(self.device)
         return self.adapter
 
-    def set_trainable(self, policy: str) -> None:
-        """Freeze policy: 'none', 'head', 'lora', 'lora+head', 'full' (backbone weights), 'full+head'."""
+    # ---- what trains ---------------------------------------------------------------------------------
+    def set_trainable(self, policy: str, head=None) -> None:
+        """Declare what trains: '+'-joined parts of 'lora' (the branches, as each declares), 'head' (every head
+        chunk, or with `head=` class ids only the chunks holding them), 'full' (every encoder weight of the
+        backbone, CLIP's temperature and the pretrained head excepted), 'owned' (what each owned module's
+        `trainable()` gives); 'none' for nothing. The declaration is applied now and after every rebuild."""
+        parts = frozenset(p for p in policy.split("+") if p != "none")
+        bad = parts - {"lora", "head", "full", "owned"}
+        if bad:
+            raise ValueError(f"unknown trainable part(s) {sorted(bad)} in '{policy}'")
+        self._trainable = (parts, None if head is None else tuple(int(i) for i in head))
+        self.apply_trainable()
+
+    def apply_trainable(self) -> None:
+        parts, head_ids = self._trainable
         for p in self.parameters():
             p.requires_grad_(False)
-        parts = set(policy.split("+"))
         if "head" in parts:
-            for p in self.head.parameters():
+            params = self.head.parameters() if head_ids is None else self.head.chunk_of(head_ids).parameters()
+            for p in params:
                 p.requires_grad_(True)
         if "full" in parts:
-            for n, p in self.backbone.named_parameters():
-                if ".lora" not in n and "pretrained_head" not in n:
-                    p.requires_grad_(True)
+            for p in self.backbone.encoder_parameters():
+                p.requires_grad_(True)
         if "lora" in parts and self.adapter is not None:
             for s in self.adapter.sites:
-                for br in s.branches:
+                for br in s.branches.values():
                     br.restore_trainable()
+        if "owned" in parts:
+            for m in self.owned.values():
+                for p in (m.trainable() if hasattr(m, "trainable") else m.parameters()):
+                    p.requires_grad_(True)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """What trains now, by optimiser group: "backbone" (weights, branches), "head", and the groups owned
+        modules name ("prompts", ...)."""
+        groups = {"backbone": [p for p in self.backbone.parameters() if p.requires_grad],
+                  "head": [p for p in self.head.parameters() if p.requires_grad]}
+        for m in self.owned.values():
+            groups.setdefault(getattr(m, "group", "backbone"), []).extend(
+                p for p in m.parameters() if p.requires_grad)
+        return groups
 
     def structure(self) -> dict:
         return {"lora_spec": self.lora_spec,
@@ -88,7 +126,7 @@ class ContinualModel(nn.Module):
     def rebuild(self, structure: dict) -> None:
         if structure.get("lora_spec") and self.adapter is None:
             spec = structure["lora_spec"]
-            self.inject_lora(spec["kinds"], spec["blocks"], spec["encoders"])
+            self._inject(spec["kinds"], spec["blocks"], spec["encoders"])
         for name, sub in structure.get("owned", {}).items():  # owned modules exist (setup made them)
             if name not in self.owned:
                 raise ValueError(f"checkpoint holds a module '{name}' that this method does not own")
@@ -96,6 +134,7 @@ class ContinualModel(nn.Module):
         if structure.get("lora") is not None:
             self.adapter.rebuild(structure["lora"], shared=self.owned)
         self.head.rebuild(structure["head"])
+        self.apply_trainable()
 
 
 def build_model(cfg: RunConfig, device: torch.device) -> ContinualModel:

@@ -3,14 +3,8 @@
 A prompt of length L for one block is split into L/2 key tokens and L/2 value tokens (per sample,
 B x L/2 x C each) that are prepended to that block's attention keys and values; the queries and the token
 sequence stay as they are, so every block returns as many tokens as before. This is how CODA-Prompt's code
-(which InfLoRA's repository re-uses for L2P, DualPrompt and CODA-Prompt) conditions the ViT.
-
-The attention modules are not copied. Their class is swapped, as `attach_mha` does for LoRA:
-- timm `Attention` (fused qkv) becomes `PrefixAttention`: with no prefix set it calls timm's own forward
-  (bit-identical); with one, the same steps through the module's own qkv / q_norm / k_norm / norm / proj
-  submodules, so LoRA hooks on qkv still fire.
-- open_clip's nn.MultiheadAttention becomes `PrefixMultiheadAttention`, a `LoRAMultiheadAttention` (whose
-  forward reads `prefix`); with no prefix and no LoRA it calls nn.MultiheadAttention's own forward.
+(which InfLoRA's repository re-uses for L2P, DualPrompt and CODA-Prompt) conditions the ViT. The attention
+modules are patched in place (`models/attention.py`, where LoRA on CLIP's attention lives too), not copied.
 
 A prompt method's module subclasses `PromptModule`: it draws the query (the frozen pretrained model's
 features, no prompts, no LoRA, no gradient), builds the per-block prefixes from it and runs the backbone
@@ -25,108 +19,11 @@ import contextlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Attention
 
 from .. import dist
 from ..errors import ConfigError
-from .lora import LoRALayer, LoRAMultiheadAttention
-
-Prefix = tuple[torch.Tensor, torch.Tensor]  # (keys, values), each B x P x C
-
-
-# ---- the slots --------------------------------------------------------------------------------------------
-
-def _pad_mask(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """Extend an attention mask over n prefix keys in front; prefix keys are never masked."""
-    if mask.dtype == torch.bool:  # SDPA's boolean masks say where to attend
-        return torch.cat([mask.new_ones(*mask.shape[:-1], n), mask], -1)
-    return F.pad(mask, (n, 0))
-
-
-class PrefixAttention(Attention):
-    """timm's Attention with optional per-sample prefix keys / values."""
-
-    prefix: Prefix | None = None
-
-    def forward(self, x, attn_mask=None, **kw):
-        if self.prefix is None:
-            return super().forward(x, attn_mask=attn_mask, **kw)
-        if kw.get("is_causal"):
-            raise ValueError("prefix tuning of causal attention is not supported")
-        B, N, _ = x.shape
-        H, D = self.num_heads, self.head_dim
-        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
-        q, k, v = self.qkv(x).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        pk, pv = (p.to(k.dtype).reshape(B, -1, H, D).transpose(1, 2) for p in self.prefix)
-        # the prefix keys live where the projected keys do (before timm's optional qk-norm)
-        q, k = self.q_norm(q), self.k_norm(torch.cat([pk, k], 2))
-        v = torch.cat([pv, v], 2)
-        if attn_mask is not None:
-            attn_mask = _pad_mask(attn_mask, pk.shape[2])
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.attn_drop.p if self.training else 0.0)
-        x = self.norm(x.transpose(1, 2).reshape(B, N, H * D))
-        if gate is not None:
-            x = x * gate
-        return self.proj_drop(self.proj(x))
-
-
-class PrefixMultiheadAttention(LoRAMultiheadAttention):
-    """nn.MultiheadAttention (open_clip) with optional per-sample prefix keys / values."""
-
-    prefix: Prefix | None = None
-
-    def forward(self, query, key, value, *args, **kw):
-        if self.prefix is None and not (self.lora_in.slices or self.lora_in.taps):
-            return nn.MultiheadAttention.forward(self, query, key, value, *args, **kw)  # untouched module
-        if self.prefix is not None and kw.get("is_causal"):
-            raise ValueError("prefix tuning of causal attention is not supported")
-        return super().forward(query, key, value, *args, **kw)
-
-
-def attach_prefix(attn: nn.Module) -> nn.Module:
-    """Swap an attention module's class for its prefix-capable subclass (idempotent; no new parameters)."""
-    if isinstance(attn, (PrefixAttention, PrefixMultiheadAttention)):
-        return attn
-    if type(attn) is Attention:
-        attn.__class__ = PrefixAttention
-    elif isinstance(attn, nn.MultiheadAttention):  # plain, or already LoRA-aware
-        if not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn:
-            raise ValueError("prefix tuning of nn.MultiheadAttention needs a fused in_proj_weight without bias_k")
-        if not isinstance(attn, LoRAMultiheadAttention):
-            attn.lora_in = LoRALayer(attn, "in_proj_weight", {})  # empty: no parameters, no state-dict keys
-        attn.__class__ = PrefixMultiheadAttention
-    else:
-        raise TypeError(f"prefix tuning supports timm's Attention and nn.MultiheadAttention, "
-                        f"not {type(attn).__name__}")
-    attn.prefix = None
-    return attn
-
-
-def prefix_dim(attn: nn.Module) -> int:
-    """Width C of a block's keys and values (a prefix token's size)."""
-    return attn.embed_dim if isinstance(attn, nn.MultiheadAttention) else attn.qkv.out_features // 3
-
-
-def prompt_slots(backbone, blocks: list[int]) -> dict[int, nn.Module]:
-    """The (prefix-capable) attention modules of the image encoder's chosen blocks."""
-    all_blocks = backbone.encoder_blocks()["image"]
-    bad = [b for b in blocks if not 0 <= b < len(all_blocks)]
-    if bad:
-        raise ConfigError(f"prompt block(s) {bad} out of range: the image encoder has {len(all_blocks)} blocks")
-    return {b: attach_prefix(all_blocks[b].attn) for b in blocks}
-
-
-@contextlib.contextmanager
-def prefixed(slots: dict[int, nn.Module], prefixes: dict[int, Prefix]):
-    """Set each block's prefix for the duration of one forward; cleared whatever happens."""
-    try:
-        for b, p in prefixes.items():
-            slots[b].prefix = p
-        yield
-    finally:
-        for b in prefixes:
-            slots[b].prefix = None
+from .attention import Prefix, prefix_slots, prefixed
+from .lora import LoRALayer
 
 
 @contextlib.contextmanager
@@ -168,7 +65,7 @@ def split_prefix(p: torch.Tensor) -> Prefix:
     if L % 2:
         raise ValueError(f"a prefix prompt needs an even length, got {L}")
     B, C = p.shape[0], p.shape[-1]
-    return p[..., : L // 2, :].reshape(B, -1, C), p[..., L // 2:, :].reshape(B, -1, C)
+    return Prefix(p[..., : L // 2, :].reshape(B, -1, C), p[..., L // 2:, :].reshape(B, -1, C))
 
 
 def cosine_topk(q: torch.Tensor, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,10 +148,12 @@ class QueryMemo:
 # ---- a method's prompt module ------------------------------------------------------------------------------
 
 class PromptModule(nn.Module):
-    """Owned by the model as 'prompts': `ContinualModel.features(x)` calls `features(backbone, x)`.
+    """Owned by the model as 'prompts' (in the optimiser group "prompts"): `ContinualModel.features(x)` calls
+    `features(backbone, x)`.
 
     `task` is the latest task begun (-1 before the first: the backbone runs without prompts, so the
-    untrained model is the pretrained one); `learning` is True while the method trains on `task`.
+    untrained model is the pretrained one), kept in the state dict; `learning` is True while the method trains
+    on `task`.
     `aux_loss` holds the last forward's auxiliary loss (key matching), computed inside that forward so
     that DDP sees it; the method's `loss` adds it.
     """
@@ -262,13 +161,21 @@ class PromptModule(nn.Module):
     def __init__(self, blocks: list[int], memo_mb: float = 256):
         super().__init__()
         self.blocks = sorted(blocks)
-        self._memo = QueryMemo(memo_mb)
+        self.memo = QueryMemo(memo_mb)
+        # the task, on the host for every forward and as a buffer in checkpoints (a restored model prompts as saved)
         self.task = -1
+        self.register_buffer("task_index", torch.tensor(-1))
         self.learning = False
         self.aux_loss: torch.Tensor | None = None
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.task = int(self.task_index)
+
     def begin(self, task: int) -> None:
-        self.task, self.learning = task, True
+        self.task = task
+        self.task_index.fill_(task)
+        self.learning = True
 
     def end(self) -> None:
         self.learning = False
@@ -277,8 +184,10 @@ class PromptModule(nn.Module):
         """Per-block prefixes for queries q (B x d) and the auxiliary loss (or None)."""
         raise NotImplementedError
 
+    group = "prompts"
+
     def trainable(self) -> list[nn.Parameter]:
-        """The parameters the current task trains."""
+        """The parameters the current task trains (none outside a task's training)."""
         raise NotImplementedError
 
     def query(self, backbone, x: torch.Tensor) -> torch.Tensor:
@@ -288,7 +197,7 @@ class PromptModule(nn.Module):
         mode: evaluation, retention, NCM) it is memoised per image, keyed by the image's content (`_memo`):
         the test views of a task's images are the same at every evaluation, and each later evaluation then
         runs the backbone once per batch instead of twice. Training batches are augmented and never memoised."""
-        memo = None if torch.is_grad_enabled() or backbone.training else self._memo
+        memo = None if torch.is_grad_enabled() or backbone.training else self.memo
         if memo is not None:
             keys = memo.keys_of(x)
             q = memo.get(keys)
@@ -300,21 +209,11 @@ class PromptModule(nn.Module):
             memo.put(keys, q)
         return q
 
-    @contextlib.contextmanager
-    def memo_suspended(self):
-        """Compute every query inside the block, as a first evaluation does (the bench's cold side); the
-        memo's entries are kept for after it."""
-        memo, self._memo = self._memo, QueryMemo(0)
-        try:
-            yield
-        finally:
-            self._memo = memo
-
     def features(self, backbone, x: torch.Tensor) -> torch.Tensor:
         self.aux_loss = None
         if self.task < 0:
             return backbone.features(x)
-        slots = prompt_slots(backbone, self.blocks)
+        slots = prefix_slots(backbone, self.blocks)
         prefixes, self.aux_loss = self.prefixes(self.query(backbone, x))
         with prefixed(slots, prefixes):
             return backbone.features(x)

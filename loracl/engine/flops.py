@@ -14,7 +14,7 @@ from collections import defaultdict
 
 from torch.utils.flop_counter import FlopCounterMode
 
-from . import dist
+from .. import dist
 
 
 class FlopMeter:

@@ -1,8 +1,12 @@
 """`loracl export` and `loracl predict`: the trained model of a finished run, out of loracl and in use.
 
-Both rebuild the run's model from its `config.yaml` (pretrained backbone, then the final task checkpoint
-on top) and fold every LoRA branch into its weight, so what remains is a plain timm or open_clip model
-plus a classifier over the run's classes. Export writes it as files that load without loracl:
+Both restore the finished run through its own method: a Runner over the run's tasks as `results.json` lists
+them (no training images needed), set up and restored from the last task checkpoint, as a resume would.
+`predict` then scores images with the method's own logits, reading and transforming them as evaluation does,
+so it works for every method. `export` needs a method whose predictor is the model itself (declared in its
+capabilities; modules it owns must fold into the branches): every branch is folded into its weight, and what
+remains is a plain timm or open_clip model plus a classifier over the run's classes, written as files that load
+without loracl:
 
 - `model.safetensors` (timm) or `open_clip_model.safetensors` plus `open_clip_config.json` (open_clip's
   `local-dir:` layout): the backbone's state dict, keys as timm / open_clip name them; timm's holds the
@@ -21,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import LoraclError
+from ..errors import LoraclError
 
 
 def finished_run(run_dir: Path) -> dict:
@@ -33,80 +37,113 @@ def finished_run(run_dir: Path) -> dict:
         results = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise LoraclError(f"cannot read {p}: {e}") from None
+    if not isinstance(results, dict):
+        raise LoraclError(f"{p} does not hold a run's results (a JSON object is expected)")
     if results.get("status") != "complete":
         raise LoraclError(f"run {run_dir} did not finish (results.json status '{results.get('status')}'); "
                           f"continue it with loracl run --resume --out {run_dir}")
     return results
 
 
-def class_table(results: dict) -> tuple[list[int], list[str]]:
-    """Every class id the run learnt, sorted, with its name."""
+def tasks_of(results: dict, where: Path) -> list[dict]:
+    """The tasks results.json lists, checked: each with a name, and class ids and names of equal length."""
+    tasks = results.get("tasks")
+    ok = isinstance(tasks, list) and tasks
+    for t in tasks if ok else []:
+        ok = ok and isinstance(t, dict) and isinstance(t.get("class_ids"), list) and \
+            isinstance(t.get("class_names"), list) and len(t["class_ids"]) == len(t["class_names"]) and \
+            all(isinstance(i, int) and i >= 0 for i in t["class_ids"]) and \
+            all(isinstance(n, str) for n in t["class_names"]) and \
+            (t.get("class_keys") is None or (isinstance(t["class_keys"], list) and
+                                             len(t["class_keys"]) == len(t["class_ids"]) and
+                                             all(isinstance(n, str) for n in t["class_keys"])))
+    if not ok:
+        raise LoraclError(f"{where}: 'tasks' must list each task's class_ids and class_names (equal lengths)")
+    return tasks
+
+
+def class_table(results: dict, where: Path = Path("results.json"), keys: bool = False) -> tuple[list[int], list[str]]:
+    """Every class id the run learnt, sorted, with its name (with `keys`: as the data names it, its folder)."""
     names: dict[int, str] = {}
-    for t in results["tasks"]:
-        for i, n in zip(t["class_ids"], t["class_names"]):
-            names.setdefault(int(i), str(n))
+    for t in tasks_of(results, where):
+        for i, n in zip(t["class_ids"], (t.get("class_keys") or t["class_names"]) if keys else t["class_names"]):
+            if names.setdefault(int(i), str(n)) != str(n):
+                raise LoraclError(f"{where}: class {i} is named both '{names[int(i)]}' and '{n}'")
     ids = sorted(names)
     return ids, [names[i] for i in ids]
 
 
-def load_run_model(run_dir: Path, device: str = "cpu"):
-    """(config, results, model with every branch merged, class ids, class names) of a finished run."""
-    from .checkpoint import load
-    from .config import load_config
-    from .data.loader import derive_seed
-    from .methods import get_method
-    from .methods.base import Method
-    from .models.branches import Magnitudes
-    from .models.model import build_model
+def scenario_of(results: dict, where: Path):
+    """The run's scenario as results.json describes it: its tasks and classes, without images."""
+    from ..data.datasets import FileSource, ImageSet
+    from ..data.scenarios import Scenario, Task
+
+    ids, names = class_table(results, where)
+    table = [""] * (max(ids) + 1)
+    for i, n in zip(ids, names):
+        table[i] = n
+    empty = ImageSet.from_source(FileSource([], "none"), [])
+    tasks = [Task(k, str(t.get("name", f"task{k}")), [int(i) for i in t["class_ids"]], list(t["class_names"]),
+                  empty, empty, dataset=str(t.get("dataset", ""))) for k, t in enumerate(tasks_of(results, where))]
+    return Scenario(str(results.get("scenario", "class-incremental")), str(results.get("benchmark", "")), tasks,
+                    table)
+
+
+def restore_run(run_dir: Path, device: str = "cpu"):
+    """The Runner of a finished run, its method set up and restored from its last task checkpoint."""
+    from .assembly import load_config
+    from .runner import Runner
 
     run_dir = Path(run_dir)
     results = finished_run(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    method = cfg.method_name
-    cls = get_method(method, str(run_dir / "config.yaml"))
-    # a method that computes its own logits (other than KeepLoRA without its `+` head, which only
-    # forwards to the model) is more than backbone + head
-    if cls.logits is not Method.logits and getattr(cls, "plus", True):
-        raise LoraclError(f"method '{method}' computes its logits itself; loracl cannot export it as a plain "
-                          f"timm / open_clip model")
-    last = len(results["tasks"]) - 1
+    cfg.device = device
+    cfg.eval.retention = None
+    scenario = scenario_of(results, run_dir / "results.json")
+    last = len(scenario) - 1
     ckpt = run_dir / "checkpoints" / f"task_{last:02d}.pt"
     if not ckpt.is_file():
         raise LoraclError(f"run {run_dir} has no checkpoint of its last task ({ckpt})")
-    state = load(ckpt)
-    if "cosine" in state.get("method", {}) or cfg.head.kind == "cosine":
-        raise LoraclError(f"method '{method}' scores classes with a cosine head of its own; loracl cannot "
-                          f"export it as a plain timm / open_clip model")
-    # the seed the runner builds the model under: tensors a run never changed are not in its checkpoints,
-    # so a backbone without pretrained weights (tests, smoke runs) must come out of the same random draw
-    torch.manual_seed(derive_seed(cfg.seed, "build"))
-    model = build_model(cfg, torch.device("cpu"))
-    # modules a method registers with the model (prompts, ...): only SD-LoRA's magnitudes, whose whole effect
-    # is in the branches' merged weights, can go into a plain model
-    structures = state["structure"].get("owned", {})
-    owned = {k.split(".")[1] for k in state["model"] if k.startswith("owned.")} | set(structures)
-    for name in sorted(owned):
-        sub = structures.get(name, {})
-        if sub.get("kind") != Magnitudes.kind:
-            raise LoraclError(f"method '{method}' adds a module of its own ('{name}') to the model; loracl cannot "
-                              f"export it as a plain timm / open_clip model")
-        model.own(name, Magnitudes(sub["n"]))
-    model.rebuild(state["structure"])
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    if unexpected:
-        raise LoraclError(f"checkpoint {ckpt} does not fit the model of {run_dir / 'config.yaml'} "
-                          f"(unexpected keys {unexpected[:3]})")
+    runner = Runner(cfg, run_dir, resume=True, progress=False, log=lambda *a, **k: None, scenario=scenario)
+    start, _ = runner.prepare()
+    if start != len(scenario):
+        raise LoraclError(f"checkpoint {ckpt} of run {run_dir} cannot be read: the run cannot be restored")
+    runner.model.eval()
+    return runner
+
+
+def load_run_model(run_dir: Path, device: str = "cpu"):
+    """(config, results, model with every branch merged, class ids, class names) of a finished run whose
+    method exports as a plain model; else one error line saying why not."""
+    run_dir = Path(run_dir)
+    results = finished_run(run_dir)
+    runner = restore_run(run_dir, device)
+    cfg, model, cfg_method = runner.cfg, runner.model, runner.cfg.method_name
+    if not runner.caps.export:
+        raise LoraclError(f"method '{cfg_method}' does not predict with its model alone (its capabilities say so); "
+                          f"loracl cannot export it as a plain timm / open_clip model. loracl predict works with it")
+    for name, module in model.owned.items():
+        # only modules whose whole effect is in the branches (SD-LoRA's magnitudes) go into a plain model
+        if not getattr(module, "folds_into_branches", False):
+            raise LoraclError(f"method '{cfg_method}' adds a module of its own ('{name}') to the model; loracl "
+                              f"cannot export it as a plain timm / open_clip model. loracl predict works with it")
+    if cfg.head.kind == "cosine":
+        raise LoraclError(f"run {run_dir} scores classes with a cosine head (head.kind cosine); loracl cannot "
+                          f"export it as a plain timm / open_clip model. loracl predict works with it")
     if model.adapter is not None:
-        model.adapter.merge_all()
-    ids, names = class_table(results)
-    model.eval().to(device)
+        try:
+            model.adapter.merge_all()
+        except TypeError as e:  # a parallel adapter
+            raise LoraclError(f"method '{cfg_method}' keeps branches that cannot be merged ({e})") from None
+    model.owned = torch.nn.ModuleDict()
+    ids, names = class_table(results, run_dir / "results.json")
     return cfg, results, model, ids, names
 
 
 @torch.no_grad()
 def head_matrix(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
     """(weight N x D, bias N or None, whether features are L2-normalised first): logits = f @ W.T + b."""
-    from .models.heads import LinearHead, TextHead
+    from ..models.heads import LinearHead, TextHead
 
     head, idx = model.head, torch.tensor(ids)
     if isinstance(head, LinearHead):
@@ -122,7 +159,7 @@ def head_matrix(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor | Non
 
 def preprocessing(cfg, model) -> dict:
     """The test transform as timm data-config keys: `timm.data.create_transform(**it)` rebuilds it."""
-    from .data.transforms import crop_fraction
+    from ..data.transforms import crop_fraction
 
     dc = model.backbone.data_config()
     norm = cfg.data.normalize
@@ -147,7 +184,7 @@ def export(run_dir: Path, out: Path | None = None) -> Path:
         state[f"{name}.weight"], state[f"{name}.bias"] = w, b
         kwargs["num_classes"] = len(ids)
     meta = {"format": "loracl-export/1", "family": bb.family, "name": cfg.backbone.name, "kwargs": kwargs,
-            "classes": names, "class_ids": ids,
+            "classes": names, "class_ids": ids, "class_keys": class_table(results, keys=True)[1],
             "head": {"weight": w.tolist(), "bias": None if b is None else b.tolist(),
                      "normalize_features": normalized},
             "preprocess": preprocessing(cfg, model),
@@ -182,7 +219,7 @@ def export(run_dir: Path, out: Path | None = None) -> Path:
 
 def image_paths(items: list[str]) -> list[str]:
     """Files as given; folders searched recursively for images (sorted, hidden entries skipped)."""
-    from .data.datasets import IMG_EXTENSIONS
+    from ..data.datasets import IMG_EXTENSIONS
 
     paths = []
     for it in items:
@@ -203,24 +240,38 @@ def image_paths(items: list[str]) -> list[str]:
 @torch.no_grad()
 def predict(run_dir: Path, items: list[str], top_k: int = 5, batch_size: int = 64, device: str = "auto",
             workers: int = 0) -> list[dict]:
-    from .data.datasets import FileSource, ImageSet
-    from .data.loader import make_loader
-    from .data.transforms import build_transforms
+    """Top-k classes of every image with the finished run's final model, through its method's own logits; the
+    images are read and transformed by the run's evaluation path (the same pixels its accuracy was measured on)."""
+    from ..data.datasets import FileSource, ImageSet
 
+    for flag, v in (("--top-k", top_k), ("--batch-size", batch_size)):
+        if v < 1:
+            raise LoraclError(f"predict: {flag} must be at least 1 (got {v})")
+    if workers < 0:
+        raise LoraclError(f"predict: --workers must be 0 or more (got {workers})")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    elif device not in ("cpu", "cuda"):
+        raise LoraclError(f"predict: --device must be auto, cpu or cuda (got '{device}')")
     paths = image_paths(items)
-    cfg, _, model, ids, names = load_run_model(run_dir, device)
-    _, test = build_transforms(cfg.data, model.backbone.data_config())
+    runner = restore_run(run_dir, device)
+    results = finished_run(Path(run_dir))
+    ids, names = class_table(results, Path(run_dir) / "results.json")
+    keys = class_table(results, keys=True)[1]
+    cfg = runner.cfg
+    cfg.data.eval_batch_size, cfg.data.num_workers, cfg.eval.max_per_task = batch_size, workers, None
     images = ImageSet.from_source(FileSource(paths, "predict"), [0] * len(paths))
-    class_ids = torch.tensor(ids, device=device)
+    class_ids = runner.data.classes.tensor(ids)
     k = min(top_k, len(ids))
     rows = []
-    for x, _, r in make_loader(images, test, batch_size, num_workers=workers, augment=False):
-        probs = F.softmax(model(test.finish(x.to(device)), class_ids).float(), dim=-1)
-        p, c = probs.topk(k, dim=-1)
-        for row, pp, cc in zip(r.tolist(), p.tolist(), c.tolist()):
-            rows.append({"path": paths[row], "top": [{"class": names[j], "prob": round(q, 6)} for j, q in zip(cc, pp)]})
+    with runner.precision.context():
+        for x, _ in runner.data.eval_batches(images):
+            probs = F.softmax(runner.method.logits(x, class_ids).float(), dim=-1)
+            p, c = probs.topk(k, dim=-1)
+            for pp, cc in zip(p.tolist(), c.tolist()):
+                rows.append({"path": paths[len(rows)], "top": [
+                    {"class": keys[j], **({"name": names[j]} if names[j] != keys[j] else {}), "prob": round(q, 6)}
+                    for j, q in zip(cc, pp)]})
     return rows
 
 

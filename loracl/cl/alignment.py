@@ -16,7 +16,7 @@ After every task, with the model as it is then:
 The draws come from a generator seeded by (run seed, task), so a resumed run aligns exactly as an uninterrupted
 one; the statistics are plain tensors in `state_dict()`, each covariance as its packed lower triangle: the
 Cholesky factor reads nothing else, and a checkpoint holds half the bytes (ViT-B/16 after 100 classes: 225 MiB
-instead of 450). The same class statistics serve NCM (methods/ncm.py).
+instead of 450). The same class statistics serve NCM (methods/ncm.py, `cl/statistics.py`).
 """
 
 from __future__ import annotations
@@ -26,11 +26,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import AlignConfig
-from .data.loader import derive_seed
-from .errors import ConfigError
-from .models.heads import LinearHead
-from .stats import ClassStatistics
+from ..config import AlignConfig
+from ..errors import ConfigError
+from ..models.heads import LinearHead
+from .statistics import class_feature_statistics
 
 COV_RIDGE = 1e-4  # added to every class covariance (official code), so that its Cholesky factor exists
 
@@ -48,24 +47,6 @@ def unpack_lower(packed: torch.Tensor, d: int) -> torch.Tensor:
     out[:, i, j] = packed
     out[:, j, i] = packed
     return out
-
-
-def class_feature_statistics(run, model, images, class_ids, desc: str, covariance: bool = True) -> ClassStatistics:
-    """Per-class statistics of `model.features` over one image set or a list of them (test transforms, eval
-    mode, autocast off), finalized: `.means`, `.covs` (or None), `.count`."""
-    acc = ClassStatistics(class_ids, model.backbone.feature_dim, device=run.device, covariance=covariance)
-    was_training = model.training
-    model.eval()
-
-    def fn(b):
-        with torch.autocast(run.device.type, enabled=False):
-            acc.update(model.features(b.x), b.y)
-
-    for imgs in images if isinstance(images, list) else [images]:
-        run.forward_pass(imgs, fn, desc=desc, train_transform=False)
-    model.train(was_training)
-    acc.finalize()
-    return acc
 
 
 def shrink_factors(task_of: torch.Tensor, t: int) -> torch.Tensor:
@@ -119,11 +100,11 @@ class ClassifierAlignment:
             covs = (s.covs + COV_RIDGE * eye).cpu()
             self.covs = torch.cat([self.covs, unpack_lower(pack_lower(covs), covs.shape[-1])])
         if len(set(self.task_of.tolist())) > 1 and self.cfg.epochs > 0:
-            with self.run.timed("align"):
+            with self.run.cost.timed("align"):
                 self.align(task.index)
 
     def align(self, t: int) -> None:
-        c, head, dev = self.cfg, self.model.head, self.run.device
+        c, head, dev = self.cfg, self.model.head, self.model.device
         params = list(head.parameters())
         flags = [p.requires_grad for p in params]
         for p in params:
@@ -134,7 +115,7 @@ class ClassifierAlignment:
         factors = shrink_factors(self.task_of, t) if c.shrink else None
         cols = head.column_of[self.ids.to(head.column_of.device)].to(dev)  # stored class -> head column
         blocks = [len(ids) for ids in head.chunk_ids]
-        gen = torch.Generator().manual_seed(derive_seed(self.run.cfg.seed, "align", t))
+        gen = torch.Generator().manual_seed(self.run.seed("align", t))
         losses = []
         with torch.enable_grad():
             for epoch in range(c.epochs):

@@ -8,7 +8,7 @@ import os
 import statistics
 from pathlib import Path
 
-from .errors import LoraclError
+from ..errors import LoraclError
 
 COLUMNS = [
     ("final_acc", "final acc"),
@@ -45,7 +45,7 @@ def _config_key(run: Path) -> str:
     before a key existed (and so at its default) groups with later runs of the same experiment."""
     import yaml
 
-    from .config import load_config
+    from ..runs.assembly import load_config
 
     p = run / "config.yaml"
     if not p.exists():
@@ -162,11 +162,11 @@ def _published_of(cfg: dict) -> list[dict]:
     """The published rows a run's config carries, or (a run made before configs carried them) its preset's."""
     if "published" in cfg:
         return cfg["published"] or []
-    from .config import PRESET_DIR, _load_doc
+    from ..runs.assembly import PRESET_DIR, load_doc
 
     p = PRESET_DIR / f"{cfg.get('name', '')}.yaml"
     try:
-        return (_load_doc(p).get("published") or []) if p.is_file() else []
+        return (load_doc(p).get("published") or []) if p.is_file() else []
     except LoraclError:
         return []
 

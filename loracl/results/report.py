@@ -149,7 +149,7 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     res_path = run_dir / "results.json"
     if not res_path.exists():
-        from .errors import LoraclError
+        from ..errors import LoraclError
 
         raise LoraclError(f"no results.json in {run_dir}")
     r = json.loads(res_path.read_text())

@@ -1,8 +1,10 @@
-"""Token-level input statistics of adapted layers, accumulated in fp32 over every token.
+"""Statistics the continual-learning methods share, accumulated exactly and summed over processes.
 
-`sum x x^T` and the token count are accumulated separately and divided once at the end, so the result is
-the covariance of the whole data set whatever the batch size; across processes the sums are added
-before the division (`finalize`).
+- token-level input second moments of adapted layers (InfLoRA, KeepLoRA), in fp32 over every token: `sum x x^T`
+  and the token count are accumulated separately and divided once at the end, so the result is the covariance
+  of the whole data set whatever the batch size; across processes the sums are added before the division;
+- per-class feature means and covariances (classifier alignment's Gaussians, NCM's prototypes) and the cosine
+  scoring of features against prototypes.
 """
 
 from __future__ import annotations
@@ -10,9 +12,10 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 
-from . import dist
-from .models.lora import LoRALayer
+from .. import dist
+from ..models.lora import LoRALayer
 
 
 class SecondMoment:
@@ -118,3 +121,26 @@ class ClassStatistics:
             centred = self.outer - n.unsqueeze(2) * self.means.unsqueeze(2) * self.means.unsqueeze(1)
             self.covs = centred / (n - 1).clamp(min=1).unsqueeze(2)
         return self.means, self.covs
+
+
+def class_feature_statistics(run, model, images, class_ids, desc: str, covariance: bool = True) -> ClassStatistics:
+    """Per-class statistics of `model.features` over one image set or a list of them (test transforms, eval
+    mode, autocast off), finalized: `.means`, `.covs` (or None), `.count`."""
+    acc = ClassStatistics(class_ids, model.backbone.feature_dim, device=model.device, covariance=covariance)
+    was_training = model.training
+    model.eval()
+
+    def fn(b):
+        with torch.autocast(model.device.type, enabled=False):
+            acc.update(model.features(b.x), b.y)
+
+    for imgs in images if isinstance(images, list) else [images]:
+        run.forward_pass(imgs, fn, desc=desc, view="test")
+    model.train(was_training)
+    acc.finalize()
+    return acc
+
+
+def ncm_logits(feats: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every feature (rows) with every class prototype (columns): nearest class mean."""
+    return F.normalize(feats.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).t()

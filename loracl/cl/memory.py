@@ -16,8 +16,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data.datasets import ImageSet
-from .data.loader import TransformedSet
+from ..data.datasets import ImageSet
+from ..data.loader import TransformedSet
 
 
 def balanced_quota(available: dict, capacity: int | None = None, per_class: int | None = None) -> dict:

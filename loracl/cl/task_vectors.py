@@ -46,13 +46,13 @@ def task_vector(theta_i: dict[str, torch.Tensor], theta_pre: dict[str, torch.Ten
     return {k: theta_i[k] - theta_pre[k] for k in theta_pre}
 
 
-def task_vector_of_branches(sites) -> TaskVector:
-    """The task vector a set of LoRA sites holds in their (single) live branch, as factors (copied to CPU)."""
+def task_vector_of_branches(sites, tag: str) -> TaskVector:
+    """The task vector a set of LoRA sites holds in their branch `tag`, as factors (copied to CPU)."""
     out = {}
     for s in sites:
-        if len(s.branches) != 1:
-            raise ValueError(f"site {s.name} holds {len(s.branches)} branches; a task vector is one branch per site")
-        br = s.branches[0]
+        br = s.get(tag)
+        if br is None:
+            raise ValueError(f"site {s.name} holds no branch '{tag}'")
         out[s.name] = LowRankDelta(br.down.detach().float().cpu().clone(), br.up.detach().float().cpu().clone(),
                                    br.scale)
     return out
