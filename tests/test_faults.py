@@ -176,23 +176,19 @@ def test_checkpoint_whose_header_length_looks_like_a_pickle_loads(tmp_path):
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(folder, tmp_path, capsys, monkeypatch):
-    real = checkpoint._write
-    calls = {"n": 0}
+    real = os.fsync
 
-    def write(path, data):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the checkpoint of task 1
-            with open(path, "wb") as f:
-                f.write(data[: len(data) // 3])
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(path, data)
+    def fsync(fd):  # the disk fills up while task 1's checkpoint is written (its temporary file)
+        if "task_01.pt" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
 
-    monkeypatch.setattr(checkpoint, "_write", write)
+    monkeypatch.setattr(os, "fsync", fsync)
     rc, err = run(capsys, tmp_path / "full", folder)
     one_line(rc, err, "task_01.pt", "disk is full")
     ck = tmp_path / "full" / "checkpoints"
     assert checkpoint.load(ck / "task_00.pt")["task"] == 0
-    assert not (ck / "task_01.pt").exists() and not (ck / "task_01.pt.tmp").exists()
+    assert sorted(p.name for p in ck.iterdir()) == ["task_00.pt"]  # no partial file, no temporary left
 
 
 # ------------------------------------------------------------------------------------------------
@@ -639,3 +635,26 @@ def test_split_file_paths_with_spaces_crlf_and_bom(tmp_path):
     assert read_split_file(f, tmp_path) == (["my cat/x 1.jpg", "b/y.png"], [3, 0])
     f.write_text("my cat/x 1.jpg\nb/y.png\n")
     assert read_split_file(f, tmp_path) == (["my cat/x 1.jpg", "b/y.png"], None)
+
+
+def test_a_checkpoint_holding_nan_is_never_restored_or_exported(finished, tmp_path, capsys):
+    """loracl writes only finite checkpoints: one holding NaN was damaged or tampered with. Resume passes over it
+    to the task before (saying so), and export / predict refuse the run in one line instead of writing NaN."""
+    from loracl.runs.statefile import atomic_save, load
+
+    out = copy_run(finished, tmp_path)
+    last = out / "checkpoints" / "task_01.pt"
+    state = load(last)
+    key = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][key] = state["model"][key] * float("nan")
+    atomic_save(state, last)
+    one_line(*cli(capsys, "export", out), "task_01.pt", "NaN")
+    image = next((DATA / "cifar10" / "test" / "cat").iterdir())
+    one_line(*cli(capsys, "predict", out, image), "task_01.pt", "NaN")
+    lines = []
+    from loracl.runs.assembly import load_config
+    from loracl.runs.runner import Runner
+
+    r = Runner(load_config(out / "config.yaml"), out, resume=True, progress=False, log=lines.append)
+    start, _ = r.prepare()
+    assert start == 1 and any("task_01.pt holds NaN" in m and "falling back" in m for m in lines)

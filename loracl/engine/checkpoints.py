@@ -67,7 +67,7 @@ class CheckpointManager:
             raise TrainingDiverged(f"the training state {when} holds NaN or inf ({', '.join(bad[:3])}"
                                    f"{' ...' if len(bad) > 3 else ''}); it is not saved. Last good checkpoint: "
                                    f"{self.last_good() or 'none'}; lower the learning rate or set train.grad_clip")
-        atomic_save(state, path)
+        atomic_save(state, path, root=self.dir.parent)
 
     def drop_step(self) -> None:
         step = self.dir / "step.pt"
@@ -83,15 +83,16 @@ class CheckpointManager:
     def restore(self) -> tuple[int, dict | None, dict | None]:
         """Load the model and results of the newest readable task checkpoint, and find a later step checkpoint;
         returns (first task to run, the task checkpoint's state or None, the step state or None): the runner
-        gives the method and components their parts. An unreadable checkpoint (truncated, foreign) is passed
-        over, and the log says so."""
+        gives the method and components their parts. An unreadable checkpoint (truncated, foreign, holding NaN
+        or inf: loracl never writes one, so it was damaged or tampered with) is passed over, and the log says so."""
         start, state, path = 0, None, None
         for path in sorted(self.dir.glob("task_*.pt"), reverse=True):
             try:
-                state = load(path)
+                state = checked(load(path), path)
                 break
             except CheckpointError as e:
                 self.log(f"{e}; falling back to an earlier checkpoint")
+                state = None
         if state is not None:
             self.load_model_state(state, str(path))
             self.record.results = state["results"]
@@ -100,7 +101,7 @@ class CheckpointManager:
         step_state = None
         if (self.dir / "step.pt").exists():
             try:
-                s = load(self.dir / "step.pt")
+                s = checked(load(self.dir / "step.pt"), self.dir / "step.pt")
             except CheckpointError as e:
                 self.log(f"{e}; resuming from the start of the task instead")
                 s = {"task": -1}
@@ -117,3 +118,13 @@ class CheckpointManager:
         gives the method its state)."""
         self.load_model_state(state, str(self.dir / "step.pt"))
         self.record.load_step_state(state)
+
+
+def checked(state, path: Path) -> dict:
+    """A loaded checkpoint that has the parts a restore reads and only finite tensors, else CheckpointError."""
+    if not isinstance(state, dict) or not {"task", "structure", "model"} <= set(state):
+        raise CheckpointError(f"checkpoint {path} lacks the parts of a loracl checkpoint (task, structure, model)")
+    bad = nonfinite({"model": state["model"], "method": state.get("method")})
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds NaN or inf ({', '.join(bad[:3])})")
+    return state

@@ -18,6 +18,7 @@ from ..config import RunConfig
 from ..data.scenarios import Scenario
 from ..errors import ConfigError
 from ..results.metrics import all_metrics, final_acc_task_avg, learning_acc
+from ..runs.files import write_file
 from .flops import FlopMeter
 
 
@@ -169,9 +170,7 @@ class RunRecord:
 
     def write(self) -> None:
         if dist.is_main():
-            tmp = self.out / "results.json.tmp"
-            tmp.write_text(json.dumps(self.results, indent=1))
-            tmp.replace(self.out / "results.json")
+            write_file(self.out / "results.json", json.dumps(self.results, indent=1), root=self.out)
 
     # ---- tensorboard ---------------------------------------------------------------------------------
     def open_tensorboard(self) -> None:

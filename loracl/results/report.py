@@ -18,6 +18,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..runs.files import write_file  # noqa: E402
+
 METRIC_LABELS = {
     "final_acc": "final accuracy, sample-weighted (%)",
     "final_acc_task_avg": "final accuracy, task-averaged (%)",
@@ -225,5 +227,5 @@ pre {{ background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 0.85em; }
 </body></html>
 """
     out = run_dir / "report.html"
-    out.write_text(page)
+    write_file(out, page, root=run_dir)
     return out

@@ -107,7 +107,8 @@ def restore_run(run_dir: Path, device: str = "cpu"):
     runner = Runner(cfg, run_dir, resume=True, progress=False, log=lambda *a, **k: None, scenario=scenario)
     start, _ = runner.prepare()
     if start != len(scenario):
-        raise LoraclError(f"checkpoint {ckpt} of run {run_dir} cannot be read: the run cannot be restored")
+        raise LoraclError(f"the checkpoint of the last task, {ckpt}, is damaged (truncated, foreign or holding NaN "
+                          f"or inf): run {run_dir} cannot be restored")
     runner.model.eval()
     return runner
 
@@ -170,10 +171,13 @@ def preprocessing(cfg, model) -> dict:
 
 
 def export(run_dir: Path, out: Path | None = None) -> Path:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from .files import write_file
 
     run_dir = Path(run_dir)
     cfg, results, model, ids, names = load_run_model(run_dir)
+    root = Path(out) if out else run_dir  # the default export folder must stay inside the run folder
     out = Path(out) if out else run_dir / "export"
     w, b, normalized = head_matrix(model, ids)
     bb = model.backbone
@@ -203,13 +207,18 @@ def export(run_dir: Path, out: Path | None = None) -> Path:
                                  "resize_mode": "squash" if p["crop_mode"] == "squash" else "shortest"}}
     meta["weights"] = weights
     try:
+        if root is run_dir:
+            from .files import check_inside
+
+            check_inside(run_dir, out / "model.json")
         out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}, str(out / weights))
-        (out / "model.json").write_text(json.dumps(meta, indent=1))
-        if bb.family == "open_clip":
-            (out / "open_clip_config.json").write_text(json.dumps(oc, indent=1))
     except OSError as e:
         raise LoraclError(f"cannot write the export to {out}: {e.strerror or e}") from None
+    # every file a fresh one renamed into place: a symlink planted in the folder is replaced, not written through
+    write_file(out / weights, save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()}), root=root)
+    write_file(out / "model.json", json.dumps(meta, indent=1), root=root)
+    if bb.family == "open_clip":
+        write_file(out / "open_clip_config.json", json.dumps(oc, indent=1), root=root)
     return out
 
 

@@ -33,6 +33,7 @@ from ..errors import ConfigError
 from ..methods import lookup
 from ..models.model import ContinualModel, build_model
 from .assembly import dump_config
+from .files import write_file
 
 
 def seed_all(seed: int) -> None:
@@ -114,7 +115,7 @@ class Runner:
         self.out.mkdir(parents=True, exist_ok=True)
         cfg_text = dump_config(self.cfg)
         if dist.is_main():
-            (self.out / "config.yaml").write_text(cfg_text)
+            write_file(self.out / "config.yaml", cfg_text, root=self.out)
         self.record.open_tensorboard()
         T = len(self.scenario)
         start, step_state = self.prepare()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError
+from .files import WriteError, write_file
 
 FORMAT = "loracl-checkpoint"
 VERSION = "1"
@@ -129,33 +130,20 @@ def nonfinite(obj, where: str = "") -> list[str]:
 # files
 
 
-def _write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def atomic_save(obj, path: Path) -> None:
-    """Write `obj` (nested dicts / lists / tuples of tensors, arrays, numbers, strings, None) to `path`: a
-    temporary file, then one rename, so a crash or a full disk leaves the previous file as it was."""
+def atomic_save(obj, path: Path, root: Path | None = None) -> None:
+    """Write `obj` (nested dicts / lists / tuples of tensors, arrays, numbers, strings, None) to `path`: a fresh
+    temporary file, then one rename (`files.write_file`), so a crash or a full disk leaves the previous file as
+    it was; `root`: the run folder the file must stay in."""
     from safetensors.torch import save
 
     path = Path(path)
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(obj, tensors, set(), "")
     data = save(tensors, metadata={"format": FORMAT, "version": VERSION, "tree": json.dumps(tree)})
-    tmp = path.with_name(path.name + ".tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _write(tmp, data)
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        why = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-        raise CheckpointError(f"cannot write checkpoint {path}: {why}; the checkpoints already written are "
-                          f"unchanged") from None
+        write_file(path, data, root)
+    except WriteError as e:
+        raise CheckpointError(f"checkpoint: {e}; the checkpoints already written are unchanged") from None
 
 
 def load(path: Path):
