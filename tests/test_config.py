@@ -149,3 +149,10 @@ def test_a_config_file_that_is_not_text_is_one_line(tmp_path):
 def test_values_that_would_silently_misbehave_are_refused(sets, words):
     with pytest.raises(ConfigError, match=words):
         load_config(preset="cifar100-mini", sets=sets)
+
+
+def test_an_absurdly_deep_set_key_is_one_line():
+    with pytest.raises(ConfigError, match="levels"):
+        load_config(preset="cifar100-mini", sets=[".".join(["a"] * 5000) + "=1"])
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(preset="cifar100-mini", sets=["method.rank=" + "[" * 3000 + "]" * 3000])

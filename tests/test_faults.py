@@ -658,3 +658,84 @@ def test_a_checkpoint_holding_nan_is_never_restored_or_exported(finished, tmp_pa
     r = Runner(load_config(out / "config.yaml"), out, resume=True, progress=False, log=lines.append)
     start, _ = r.prepare()
     assert start == 1 and any("task_01.pt holds NaN" in m and "falling back" in m for m in lines)
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda r: [r], ["(top level)", "JSON object"]),
+    (lambda r: {k: v for k, v in r.items() if k != "acc_matrix"}, ["acc_matrix"]),
+    (lambda r: {**r, "metrics": {**r["metrics"], "final_acc": "high"}}, ["metrics"]),
+    (lambda r: {**r, "acc_matrix": r["acc_matrix"][:1]}, ["acc_matrix", "2 x 2"]),
+    (lambda r: {**r, "tasks": [{**r["tasks"][0], "class_names": ["x"]}, r["tasks"][1]]}, ["tasks[0]"]),
+])
+@pytest.mark.parametrize("command", ["compare", "report", "export"])
+def test_results_json_of_the_wrong_shape_is_one_line(finished, tmp_path, capsys, damage, words, command):
+    out = copy_run(finished, tmp_path)
+    r = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps(damage(r)))
+    one_line(*cli(capsys, command, out), "results.json", *words)
+
+
+def test_published_rows_and_configs_of_the_wrong_shape_are_one_line(finished, tmp_path, capsys):
+    import yaml
+
+    out = copy_run(finished, tmp_path)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["published"] = [{"method": "seq-lora", "metric": "final_acc", "source": "a paper"}]  # no value
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    one_line(*cli(capsys, "compare", out), "published[0].value")
+    (out / "config.yaml").write_text("- a list\n- not a config\n")
+    rc, err = cli(capsys, "compare", out)  # compared as a run without a config
+    assert rc == 0, err
+    one_line(*cli(capsys, "compare", out, "--ref", "inflora"), "--ref inflora", "seq-lora")
+
+
+def test_a_class_list_edited_in_results_json_is_refused_by_export_and_predict(finished, tmp_path, capsys):
+    out = copy_run(finished, tmp_path)
+    r = json.loads((out / "results.json").read_text())
+    names = r["tasks"][0]["class_names"]
+    r["tasks"][0]["class_names"] = names[1:] + names[:1]  # shifted: every exported name would be wrong
+    (out / "results.json").write_text(json.dumps(r))
+    one_line(*cli(capsys, "export", out), "results.json", "differ")
+    image = next((DATA / "cifar10" / "test" / "cat").iterdir())
+    one_line(*cli(capsys, "predict", out, image), "results.json", "differ")
+
+
+@pytest.mark.parametrize("flag,value,word", [("--top-k", "0", "--top-k"), ("--batch-size", "-4", "--batch-size"),
+                                             ("--workers", "-1", "--workers"), ("--device", "tpu", "--device")]
+                         + ([] if torch.cuda.is_available() else [("--device", "cuda", "CUDA is not available")]))
+def test_predict_flags_out_of_range_are_one_line(finished, capsys, flag, value, word):
+    image = next((DATA / "cifar10" / "test" / "cat").iterdir())
+    one_line(*cli(capsys, "predict", finished, image, flag, value), word)
+
+
+def test_disk_full_while_writing_the_report_is_one_line_and_keeps_the_old_one(finished, tmp_path, capsys,
+                                                                             monkeypatch):
+    out = copy_run(finished, tmp_path)
+    before = (out / "report.html").read_bytes()
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    one_line(*cli(capsys, "report", out), "report.html", "disk is full")
+    assert (out / "report.html").read_bytes() == before
+
+
+@pytest.mark.parametrize("damage,words", [
+    (lambda st: st["structure"]["lora"][0].append({"kind": "lora", "tag": "x", "d_in": 128, "d_out": 128,
+                                                   "rank": 10 ** 9, "scale": 1.0, "train_down": True,
+                                                   "train_up": True}), ["rank 1000000000"]),
+    (lambda st: st["structure"]["head"]["chunk_ids"].append([10 ** 12]), ["outside the 4"]),
+    (lambda st: st["structure"]["lora"].pop(), ["adapted projections"]),
+])
+def test_a_checkpoint_describing_another_or_absurd_model_is_refused_before_allocating(finished, tmp_path, capsys,
+                                                                                      damage, words):
+    from loracl.runs.statefile import atomic_save, load
+
+    out = copy_run(finished, tmp_path)
+    last = out / "checkpoints" / "task_01.pt"
+    state = load(last)
+    state["structure"]["lora"] = state["structure"]["lora"] or [[] for _ in range(12)]
+    damage(state)
+    atomic_save(state, last)
+    one_line(*cli(capsys, "export", out), "task_01.pt", "does not fit", *words)

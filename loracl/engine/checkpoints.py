@@ -32,6 +32,7 @@ class CheckpointManager:
     def load_model_state(self, state: dict, where: str = "the checkpoint") -> None:
         """The model as a checkpoint holds it: its structure rebuilt, then its changed tensors loaded. A checkpoint
         of another model (another method, architecture or LoRA layout) is refused in one line, not a traceback."""
+        self.check_sizes(state["structure"], where)
         try:
             self.model.rebuild(state["structure"])
             self.model.to(self.device)
@@ -42,6 +43,33 @@ class CheckpointManager:
                                   f"settings): {first}") from None
         if unexpected:
             raise CheckpointError(f"{where} does not fit this run's model (unexpected keys {unexpected[:3]})")
+
+    def check_sizes(self, structure, where: str) -> None:
+        """Before anything is allocated: the branches a checkpoint describes fit their sites (dimensions, ranks
+        within reach of the weight) and its head holds only the scenario's classes, so a damaged or foreign file
+        cannot ask for a matrix of absurd size."""
+        def refuse(what: str):
+            raise CheckpointError(f"{where} does not fit this run's model: {what}")
+
+        if not isinstance(structure, dict):
+            refuse("no model structure")
+        n = len(self.record.scenario.class_names)
+        head = structure.get("head") or {}
+        ids = [i for chunk in head.get("chunk_ids", []) for i in chunk] + list(head.get("prompts", {}))
+        if any(not str(i).isdigit() or int(i) >= n for i in ids):
+            refuse(f"its head names classes outside the {n} of this run's benchmark")
+        lora, sites = structure.get("lora"), self.model.adapter.sites if self.model.adapter is not None else None
+        if lora is None or sites is None:
+            return
+        if len(lora) != len(sites):
+            refuse(f"{len(lora)} adapted projections where this run has {len(sites)} (other LoRA targets?)")
+        for site, specs in zip(sites, lora):
+            for sp in specs:
+                dims = (sp.get("d_in", site.d_in), sp.get("d_out", site.d_out))
+                rank = sum(sp["ranks"]) if "ranks" in sp else sp.get("rank", sp.get("width", 0))
+                if dims != (site.d_in, site.d_out) or not 0 <= int(rank) <= 64 * (site.d_in + site.d_out):
+                    refuse(f"a branch of {site.name} of shape {dims} and rank {rank}, where the weight is "
+                           f"({site.d_in}, {site.d_out})")
 
     def save_task(self, task_index: int, method: dict, components: dict) -> None:
         """After a task: the model, the method's state, the other stateful steps' (`components`, by name)."""

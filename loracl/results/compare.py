@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from ..errors import LoraclError
+from .runfile import read_results
 
 COLUMNS = [
     ("final_acc", "final acc"),
@@ -43,7 +44,6 @@ def find_runs(dirs: list[Path]) -> list[Path]:
 def _config_key(run: Path) -> str:
     """What a run computed, as a hash of its config: read through today's config model, so a run written
     before a key existed (and so at its default) groups with later runs of the same experiment."""
-    import yaml
 
     from ..runs.assembly import load_config
 
@@ -53,15 +53,16 @@ def _config_key(run: Path) -> str:
     try:
         cfg = load_config(p).model_dump(mode="json")
     except LoraclError:  # a config of an older or newer loracl: compare it as written
-        cfg = yaml.safe_load(p.read_text()) or {}
+        cfg = _raw_config(run)
     for k in ("seed", "out", "data_root", "weights_root", "threads", "device", "tensorboard", "published"):
         cfg.pop(k, None)
     # execution settings that do not change what is computed: runs differing only here are one group
+    section = lambda k: cfg[k] if isinstance(cfg.get(k), dict) else {}  # noqa: E731
     for k in ("eval_batch_size", "num_workers", "cache_dir", "host_cache_mb", "device_cache_mb"):
-        cfg.get("data", {}).pop(k, None)
-    cfg.get("eval", {}).pop("cache_mb", None)
-    cfg.get("train", {}).pop("compile", None)
-    cfg.get("train", {}).pop("ddp_find_unused", None)
+        section("data").pop(k, None)
+    section("eval").pop("cache_mb", None)
+    section("train").pop("compile", None)
+    section("train").pop("ddp_find_unused", None)
     return hashlib.sha1(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
@@ -89,10 +90,7 @@ def summarize(runs: list[Path]) -> list[dict]:
     where: dict[tuple, set] = {}
     configs: dict[tuple, dict] = {}
     for run in runs:
-        try:
-            r = json.loads((run / "results.json").read_text())
-        except (OSError, ValueError) as e:
-            raise LoraclError(f"cannot read {run / 'results.json'}: {e}") from None
+        r = read_results(run)
         if r.get("status") != "complete":
             continue
         _derive_metrics(r)
@@ -134,7 +132,11 @@ def render(rows: list[dict], ref: str | None = None) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for bench in sorted({r["benchmark"] for r in rows}):
         rs = [r for r in rows if r["benchmark"] == bench]
-        base = next((r for r in rs if ref and r["method"] == ref), rs[0])
+        base = next((r for r in rs if ref and r["method"] == ref), None)
+        if ref and base is None:
+            raise LoraclError(f"compare --ref {ref}: no run of '{ref}' on {bench} (methods there: "
+                              f"{', '.join(r['method'] for r in rs)})")
+        base = base or rs[0]
         bf = base["total_flops"][0]
         for r in rs:
             f = r["total_flops"][0]
@@ -153,22 +155,39 @@ def _raw_config(run: Path) -> dict:
     import yaml
 
     try:
-        return yaml.safe_load((run / "config.yaml").read_text()) or {}
+        cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     except (OSError, ValueError):
         return {}
+    return cfg if isinstance(cfg, dict) else {}  # not a config: compared as if it had none
 
 
 def _published_of(cfg: dict) -> list[dict]:
-    """The published rows a run's config carries, or (a run made before configs carried them) its preset's."""
-    if "published" in cfg:
-        return cfg["published"] or []
+    """The published rows a run's config carries, or (a run made before configs carried them) its preset's,
+    each checked as the config checks them (a row without a value is one error line, not a traceback)."""
+    from pydantic import ValidationError
+
+    from ..config import PublishedRow
     from ..runs.assembly import PRESET_DIR, load_doc
 
-    p = PRESET_DIR / f"{cfg.get('name', '')}.yaml"
-    try:
-        return (load_doc(p).get("published") or []) if p.is_file() else []
-    except LoraclError:
-        return []
+    if "published" in cfg:
+        rows = cfg["published"] or []
+    else:
+        p = PRESET_DIR / f"{cfg.get('name', '')}.yaml"
+        try:
+            rows = (load_doc(p).get("published") or []) if p.is_file() else []
+        except LoraclError:
+            rows = []
+    if not isinstance(rows, list):
+        raise LoraclError(f"config '{cfg.get('name', '?')}': 'published' must be a list of rows")
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            out.append(PublishedRow.model_validate(row).model_dump())
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise LoraclError(f"config '{cfg.get('name', '?')}': published[{i}]."
+                              f"{'.'.join(map(str, err['loc'])) or '(row)'}: {err['msg']}") from None
+    return out
 
 
 def _dotted(cfg: dict, key: str):

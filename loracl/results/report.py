@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 
 import matplotlib
@@ -148,14 +147,11 @@ def _fmt(v, nd=2):
 
 
 def write_report(run_dir: Path) -> Path:
-    run_dir = Path(run_dir)
-    res_path = run_dir / "results.json"
-    if not res_path.exists():
-        from ..errors import LoraclError
-
-        raise LoraclError(f"no results.json in {run_dir}")
-    r = json.loads(res_path.read_text())
     from .metrics import weighted_acc
+    from .runfile import read_results
+
+    run_dir = Path(run_dir)
+    r = read_results(run_dir)
 
     a = r["acc_matrix"]
     T = len(a)

@@ -89,6 +89,8 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects key=value, got '{item}'")
     key, raw = item.split("=", 1)
+    if key.count(".") >= 16:  # no config section is nested that deep; deeper keys only exhaust the recursion
+        raise ConfigError(f"--set {key[:60]}...: a key of {key.count('.') + 1} levels; config keys have at most 16")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
@@ -167,7 +169,15 @@ def format_validation_error(err: ValidationError, source: str, prefix: str = "")
     return f"config error in {source}: " + "; ".join(parts)
 
 
-def load_config(
+def load_config(*args, **kwargs) -> RunConfig:
+    """Build the run config from a preset or a file, then --method, --seed, --out and --set overrides."""
+    try:
+        return _load_config(*args, **kwargs)
+    except RecursionError:  # a value nested thousands deep (a --set or a file): no config is
+        raise ConfigError("config error: a value is nested too deeply to be a config value") from None
+
+
+def _load_config(
     source: str | Path | None = None,
     *,
     preset: str | None = None,
@@ -176,7 +186,6 @@ def load_config(
     out: str | None = None,
     sets: list[str] = (),
 ) -> RunConfig:
-    """Build the run config from a preset or a file, then --method, --seed, --out and --set overrides."""
     if (source is None) == (preset is None):
         raise ConfigError("give either a config file or --preset NAME")
     path = preset_path(preset) if preset else Path(source)

@@ -29,16 +29,10 @@ from ..errors import LoraclError
 
 
 def finished_run(run_dir: Path) -> dict:
-    """results.json of a run that completed, else one error line."""
-    p = Path(run_dir) / "results.json"
-    if not p.is_file():
-        raise LoraclError(f"{run_dir} is not a run folder (no results.json)")
-    try:
-        results = json.loads(p.read_text())
-    except (OSError, ValueError) as e:
-        raise LoraclError(f"cannot read {p}: {e}") from None
-    if not isinstance(results, dict):
-        raise LoraclError(f"{p} does not hold a run's results (a JSON object is expected)")
+    """results.json of a run that completed (checked: `results.runfile`), else one error line."""
+    from ..results.runfile import read_results
+
+    results = read_results(run_dir)
     if results.get("status") != "complete":
         raise LoraclError(f"run {run_dir} did not finish (results.json status '{results.get('status')}'); "
                           f"continue it with loracl run --resume --out {run_dir}")
@@ -109,6 +103,11 @@ def restore_run(run_dir: Path, device: str = "cpu"):
     if start != len(scenario):
         raise LoraclError(f"the checkpoint of the last task, {ckpt}, is damaged (truncated, foreign or holding NaN "
                           f"or inf): run {run_dir} cannot be restored")
+    saved = runner.record.results.get("tasks")  # the checkpoint's own copy of the run's class table
+    if saved is not None and [(t.get("class_ids"), t.get("class_names")) for t in saved] != \
+            [(t["class_ids"], t["class_names"]) for t in results["tasks"]]:
+        raise LoraclError(f"{run_dir / 'results.json'}: its classes differ from those its last checkpoint was "
+                          f"trained on; the file was edited or belongs to another run")
     runner.model.eval()
     return runner
 

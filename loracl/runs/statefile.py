@@ -12,12 +12,9 @@ strings (optimizer state is keyed by int), numpy arrays, non-finite floats.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
