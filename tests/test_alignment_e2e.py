@@ -11,7 +11,7 @@ from loracl.cl.alignment import ClassifierAlignment
 from loracl.runs.assembly import load_config
 from loracl.runs.runner import Runner
 
-pytestmark = pytest.mark.shared
+pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
 # 3 tasks of 5 CIFAR-100 classes, 20 training and 5 test images per class
 TINY = ["benchmark.num_tasks=3", "align.enabled=true", "align.samples_per_class=32", "align.epochs=2",

@@ -34,6 +34,7 @@ def test_official_dense_sum_equals_low_rank_sum_and_merge(tiny_vit):
     torch.testing.assert_close(merged, low_rank, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_bench_command_runs(capsys):
     from loracl.cli import main
@@ -49,6 +50,7 @@ def test_bench_command_runs(capsys):
         assert text in out
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_bench_tasks_section_times_the_method_itself(capsys):
     """SD-LoRA through three of its own tasks: a step time per task, its frozen directions in place."""
@@ -63,6 +65,7 @@ def test_bench_tasks_section_times_the_method_itself(capsys):
 
 
 
+@pytest.mark.slow
 def test_bench_tasks_section_times_a_prompt_methods_query(tmp_path, capsys):
     """L2P: the query forward's share of a step and an evaluation batch with and without the query memo."""
     from loracl.cli import main
@@ -109,6 +112,7 @@ def _check_figures(res):
     assert m["threads"] == 1 and m["cpu_count"] >= 1 and m["torch"] == torch.__version__ and m["platform"]
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_bench_json_on_the_fixture(tmp_path, capsys):
     res = _bench_json(tmp_path, "--set", "eval.retention=null")
@@ -117,6 +121,7 @@ def test_bench_json_on_the_fixture(tmp_path, capsys):
     assert "stats passes" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bench_any_timm_vit_random_weights_synthetic_data(tmp_path):
     """--backbone builds the named timm ViT with random weights at --img-size; with no data (an empty data
     root) the bench times random images of that size."""
@@ -127,6 +132,7 @@ def test_bench_any_timm_vit_random_weights_synthetic_data(tmp_path):
     assert res["sections"]["throughput"]["rank"] == 10  # the preset's InfLoRA settings still apply
 
 
+@pytest.mark.slow
 def test_reference_and_fast_path_compute_the_same_loss(tmp_path):
     """Earlier branches merged into W + the live branch (loracl) and every branch summed dense in each forward
     (the reference), fp32 on the CPU: the method's own loss is the same on the same batch."""

@@ -15,7 +15,7 @@ from loracl.runs.assembly import load_config
 from loracl.models.backbones import create_backbone
 from loracl.runs.runner import Runner
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 REPO = Path(__file__).resolve().parent.parent
 ASSETS = REPO / "assets"

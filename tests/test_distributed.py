@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, smoke_sets
 from loracl.runs.statefile import load as load_checkpoint
 
-pytestmark = pytest.mark.shared
+pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
 
 def _run(out, nproc, sets, method="seq-lora"):

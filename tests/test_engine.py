@@ -77,6 +77,7 @@ def test_precision_is_decided_once():
     assert not Precision("auto", cpu).scaler().is_enabled()
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_owned_modules_and_fit_restores_the_net(tmp_path, one_thread):
     from loracl.runs.runner import Runner
@@ -104,6 +105,7 @@ def test_owned_modules_and_fit_restores_the_net(tmp_path, one_thread):
     assert not r.model.training  # left in eval mode
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_divergence_stops_at_that_step_and_never_saves_a_nan_state(tmp_path, one_thread):
     from loracl.errors import TrainingDiverged
@@ -135,6 +137,7 @@ def test_divergence_stops_at_that_step_and_never_saves_a_nan_state(tmp_path, one
     assert not (tmp_path / "checkpoints" / "task_00.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_resume_falls_back_from_a_broken_newest_checkpoint(tmp_path, one_thread):
     from loracl.cli import main

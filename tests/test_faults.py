@@ -28,7 +28,7 @@ from loracl.cli import main
 from loracl.runs.lock import LOCK
 from loracl.errors import LoraclError
 
-pytestmark = [pytest.mark.shared, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.shared, pytest.mark.usefixtures("one_thread")]
 
 CLASSES = ("airplane", "bird", "cat", "dog")
 

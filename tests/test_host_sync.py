@@ -16,7 +16,7 @@ from conftest import smoke_sets
 from loracl.runs.assembly import load_config
 from loracl.runs.runner import Runner
 
-pytestmark = [pytest.mark.shared, pytest.mark.usefixtures("one_thread")]
+pytestmark = [pytest.mark.slow, pytest.mark.shared, pytest.mark.usefixtures("one_thread")]
 
 PKG = str(pathlib.Path(loracl.__file__).parent)
 CONVERSIONS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "nonzero", "cpu"]

@@ -12,7 +12,7 @@ from loracl.runs.assembly import load_config
 from loracl.cl.subspace import DualGPM
 from loracl.runs.runner import Runner
 
-pytestmark = pytest.mark.shared
+pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
 TINY = ["benchmark.num_tasks=2", "train.max_steps_per_epoch=4", "data.batch_size=16",
         "benchmark.datasets=[{name: cifar100, root: '{data_root}/cifar100', classes: "

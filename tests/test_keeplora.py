@@ -112,6 +112,7 @@ def _weights(r):
     return {s.name: s.weight().detach().clone() for s in r.model.adapter.sites}
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.parametrize("variant", ["official", "paper"])
 def test_init_and_subtract_keeps_the_function_on_clip(tmp_path, variant):
@@ -148,6 +149,7 @@ def test_init_and_subtract_keeps_the_function_on_clip(tmp_path, variant):
     assert "keeplora-gradient" in r.record.phase_seconds
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_updates_stay_in_the_residual_subspace_and_memory_grows(tmp_path):
     """Two tasks: every merged change of every adapted W is orthogonal (on the input side) to the protected
@@ -179,6 +181,7 @@ def test_updates_stay_in_the_residual_subspace_and_memory_grows(tmp_path):
         assert sum(m.protected_dims().values()) > sum(v.shape[1] for v in M0.values())
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_gradient_estimate_is_the_dataset_mean_and_holds_one_gradient_set(tmp_path):
     r = _runner(tmp_path)
@@ -207,6 +210,7 @@ def test_gradient_estimate_is_the_dataset_mean_and_holds_one_gradient_set(tmp_pa
     assert all(p.grad is None and not p.requires_grad for p in r.model.parameters())
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_plus_class_means_from_the_gradient_pass_equal_a_separate_pass(tmp_path):
     """KeepLoRA+ takes the class means from the gradient pass's forward (same images, same function) unless
@@ -231,6 +235,7 @@ def test_plus_class_means_from_the_gradient_pass_equal_a_separate_pass(tmp_path)
         torch.testing.assert_close(F.normalize(got, dim=-1), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_end_to_end_keeplora_plus_on_clip(tmp_path):
     """The whole loop (KeepLoRA+ runs every step of KeepLoRA), then a resume after the last task."""
@@ -254,6 +259,7 @@ def test_end_to_end_keeplora_plus_on_clip(tmp_path):
     assert sum(r.method.protected_dims().values()) > initial
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_keeplora_on_the_vit_fixture_keeps_retention_reported(tmp_path):
     val = tmp_path / "tin-val"  # 2 of the 25 validation images per class: the retention pass in seconds
@@ -270,6 +276,7 @@ def test_keeplora_on_the_vit_fixture_keeps_retention_reported(tmp_path):
     assert res["metrics"]["pretrained_retention_initial"] > 20
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_official_variant_refuses_non_square_weights(tmp_path):
     r = _runner(tmp_path, clip=False, preset="cifar100-mini", **{"method.targets": ["q", "fc1"]})

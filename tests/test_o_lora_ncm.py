@@ -50,6 +50,7 @@ def test_penalty_gradient_step_pushes_new_rows_towards_orthogonality():
     assert (new.detach() @ Q).norm() < (start @ Q).norm()
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_o_lora_keeps_frozen_branches_and_penalises_the_new_one(tmp_path):
     runner = tiny_runner(tmp_path, "o-lora")
@@ -65,6 +66,7 @@ def test_o_lora_keeps_frozen_branches_and_penalises_the_new_one(tmp_path):
     assert float(m.penalty()) == pytest.approx(0.5 * hand, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_ncm_runs_without_training_and_scores_prototypes(tmp_path):
     runner = tiny_runner(tmp_path, "ncm")
@@ -87,6 +89,7 @@ def test_ncm_runs_without_training_and_scores_prototypes(tmp_path):
     assert acc == pytest.approx(r["metrics"]["final_acc"], abs=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_o_lora_resumes_mid_task_exactly(tmp_path):
     """Killed after a step checkpoint of task 1: the resumed run rebuilds the frozen and the live branch from the

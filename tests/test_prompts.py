@@ -214,6 +214,7 @@ def _runner(tmp_path, method, sets):
     return Runner(cfg, tmp_path / method, progress=False, log=lambda *a, **k: None)
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.parametrize("method", METHODS)
 def test_tiny_run_trains_prompts_and_leaves_the_backbone(tmp_path, method):
@@ -236,6 +237,7 @@ def test_tiny_run_trains_prompts_and_leaves_the_backbone(tmp_path, method):
     assert res["cost"]["train_flops_per_task"][0] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_dualprompt_trains_its_task_prompt_and_picks_top1_at_test(tmp_path):
     r = _runner(tmp_path, "dualprompt", [])
@@ -255,6 +257,7 @@ def test_dualprompt_trains_its_task_prompt_and_picks_top1_at_test(tmp_path):
     assert torch.equal(test[2].keys[0], split_prefix(e[1][None]).keys[0])  # sample 0's query is key 1
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.parametrize("method,sets", [("l2p", ["method.pool=6"]),
                                          ("dualprompt", ["method.g_blocks=[0]", "method.e_blocks=[1]"]),
@@ -274,6 +277,7 @@ def test_clip_image_encoder_prompted_text_head(tmp_path, method, sets):
     assert res["cost"]["trainable_params_per_task"][0] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_resume_is_exact(tmp_path):
     sets = smoke_sets(**{"benchmark.num_tasks": 2, "train.max_steps_per_epoch": 3, "train.epochs": 2,
@@ -312,6 +316,7 @@ def test_paper_presets_are_the_inflora_protocols_with_the_prompt_optimiser(metho
         assert c.train.loss_scope == "task" and c.head.kind == "linear"
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_l2p_prompt_tuning_prepends_tokens_at_the_input(tmp_path, monkeypatch):
     r = _runner(tmp_path, "l2p", ["method.tuning=prompt", "method.length=5"])

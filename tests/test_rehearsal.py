@@ -97,6 +97,7 @@ def test_agem_projection():
     assert torch.allclose(agem_project(v, -v), torch.zeros(50), atol=1e-6)
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("share,n_new,n_mem", [(0.5, 16, 16), (0.25, 12, 4), (0.2, 16, 4), (0.0, 16, 0)])
 def test_er_batches_hold_the_configured_share_of_memory(tmp_path, share, n_new, n_mem):
@@ -123,6 +124,7 @@ def test_er_batches_hold_the_configured_share_of_memory(tmp_path, share, n_new, 
     assert m.seen.tolist() == run.scenario.seen_classes(1)
 
 
+@pytest.mark.slow
 @needs_data
 def test_er_reservoir_run_resumes_mid_task_exactly(tmp_path):
     from loracl.runs.runner import Runner
@@ -173,6 +175,7 @@ def _stop_after_steps(run, task, steps):
     assert (run.out / "checkpoints" / "step.pt").exists()
 
 
+@pytest.mark.slow
 @needs_data
 def test_agem_and_joint_full_runs(tmp_path):
     from loracl.runs.runner import Runner
@@ -206,6 +209,7 @@ def test_agem_and_joint_full_runs(tmp_path):
     assert res["cost"]["trainable_params_per_task"][1] > 1_000_000  # the whole backbone, not a LoRA
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("method", ["er", "agem"])
 def test_memory_batches_through_the_tensor_pipeline_match_pil(tmp_path, method):
@@ -232,6 +236,7 @@ def test_memory_batches_through_the_tensor_pipeline_match_pil(tmp_path, method):
     assert torch.equal(part.y, got["tensor"].y[1:3])
 
 
+@pytest.mark.slow
 @needs_data
 def test_an_empty_share_of_the_memory_is_an_empty_batch(tmp_path):
     """Under torchrun a process can hold none of a small replay sample: an empty batch of the model's input

@@ -9,7 +9,7 @@ from loracl.cli import main
 from loracl.methods import register
 from loracl.methods.baselines import SeqLoRA
 
-pytestmark = pytest.mark.shared
+pytestmark = [pytest.mark.slow, pytest.mark.shared]
 
 
 def run(tmp_path, *extra, preset="cifar100-mini", method="seq-lora", sets=None, name="run"):

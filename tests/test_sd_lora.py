@@ -124,6 +124,7 @@ def _run(tmp_path, method, *extra, name="run", sets=()):
     return main(args + list(extra)), out
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.parametrize("method", ["sd-lora", "sd-lora-kd"])
 def test_sd_lora_runs_and_resumes_exactly(tmp_path, method, one_thread):

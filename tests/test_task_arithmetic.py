@@ -107,6 +107,7 @@ def _runner(tmp_path, method="ta-lora", sets=()):
     return Runner(cfg, tmp_path, progress=False, log=lambda *a, **k: None)
 
 
+@pytest.mark.slow
 @needs_data
 def test_method_forms_the_combination_from_stored_factors(tmp_path):
     run = _runner(tmp_path)
@@ -130,6 +131,7 @@ def test_method_forms_the_combination_from_stored_factors(tmp_path):
         torch.testing.assert_close(s.weight(), pre[s.name])
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("variant", [
     ["method.memory_train=full"],

@@ -79,6 +79,7 @@ def test_memory_mapped_cache_is_reused(tmp_path):
     assert files[0].stat().st_mtime_ns == mtime and torch.equal(a.data, b.data)
 
 
+@pytest.mark.slow
 def test_run_with_tensor_pipeline(tmp_path):
     """A whole run on the tensor pipeline; evaluation views are exact here (32 px sources, 32 px model), so the
     untrained model's accuracy equals the PIL pipeline's."""
