@@ -330,3 +330,41 @@ def test_l2p_prompt_tuning_prepends_tokens_at_the_input(tmp_path, monkeypatch):
     blocks = len(r.model.backbone.model.blocks)
     assert [s[2][2] for s in seen] == [n] * blocks + [n + 5 * 5] * blocks  # the query forward, then N x L more
     assert f.shape == (2, 128) and r.model.prompts.aux_loss is not None
+
+
+@pytest.mark.parametrize("family", ["timm", "open_clip"])
+def test_residual_prefix_attends_with_its_own_softmax(family, tiny_vit, tiny_clip):
+    """DIKI's mode: the prefix is attended on its own, softmax(q pk^T / sqrt d) pv, scaled per sample and added to
+    the block's attention before the out-projection; zero values, or a zero weight, change nothing."""
+    torch.manual_seed(0)
+    if family == "timm":
+        attn, C, H = patch_attention(tiny_vit.blocks[0].attn), 48, 3
+        call = lambda x: attn(x)  # noqa: E731
+        qkv = lambda x: attn.qkv(x).chunk(3, -1)  # noqa: E731
+        proj = attn.proj
+    else:
+        attn, C = prefix_slots(tiny_clip, [0])[0], 64
+        H = attn.num_heads
+        call = lambda x: attn(x, x, x, need_weights=False)[0]  # noqa: E731
+        qkv = lambda x: F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, -1)  # noqa: E731
+        proj = attn.out_proj
+    x = torch.randn(2, 5, C)
+    pk, pv = torch.randn(2, 4, C), torch.randn(2, 4, C)
+    with torch.no_grad():
+        y0 = call(x)
+        with prefixed({0: attn}, {0: Prefix(pk, torch.zeros_like(pv), "residual")}):
+            torch.testing.assert_close(call(x), y0)  # zero values: nothing changes
+        with prefixed({0: attn}, {0: Prefix(pk, pv, "residual", weight=torch.zeros(2))}):
+            torch.testing.assert_close(call(x), y0)  # an unselected prompt: nothing changes
+        w = torch.tensor([0.5, 2.0])
+        with prefixed({0: attn}, {0: Prefix(pk, pv, "residual", weight=w)}):
+            y = call(x)
+        q, k, v = qkv(x)
+        D = C // H
+        split = lambda t: t.reshape(2, -1, H, D).transpose(1, 2)  # noqa: E731
+        own = (split(q) @ split(pk).transpose(-2, -1) * D ** -0.5).softmax(-1) @ split(pv)
+        blocks = (split(q) @ split(k).transpose(-2, -1) * D ** -0.5).softmax(-1) @ split(v)
+        hand = (blocks + w.view(2, 1, 1, 1) * own).transpose(1, 2).reshape(2, 5, C)
+        torch.testing.assert_close(y, proj(hand), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="unknown prefix mode"):
+        Prefix(pk, pv, "sideways")
