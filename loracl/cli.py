@@ -148,7 +148,7 @@ def cmd_demo(args) -> int:
                    progress=args.progress).run()
         dirs.append(out)
     print()
-    print(compare(dirs, out=root / "comparison.md"))
+    print(compare(dirs, out=root / "comparison.md", first_columns=True))
     print("\nreports: " + ", ".join(str(d / "report.html") for d in dirs))
     return 0
 
@@ -210,12 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     d.set_defaults(fn=cmd_demo)
 
-    try:
-        from .bench.run import add_parser as add_bench
-    except ImportError:
-        add_bench = None
-    if add_bench is not None:
-        add_bench(sub)
+    from .bench.run import add_parser as add_bench
+    from .data.check import add_parser as add_data
+    from .runs.sweep import add_parser as add_sweep
+
+    add_sweep(sub)
+    add_data(sub)
+    add_bench(sub)
     return p
 
 

@@ -32,8 +32,10 @@ class DatasetSpec(Strict):
     classes: list[str] | list[int] | None = Field(None, description="keep only these classes (names or indices)")
     max_per_class: dict[str, int] | None = Field(None, description="{train: n, test: n}, seeded subsample")
     template: str | None = Field(None, description="CLIP prompt template with {c}; default from the dataset")
+    expect: dict[str, int] | None = Field(None, description="{train: n, test: n}: the image counts this spec should "
+                                                            "give (`loracl data check`)")
 
-    @field_validator("split_files", "max_per_class")
+    @field_validator("split_files", "max_per_class", "expect")
     @classmethod
     def _split_keys(cls, v):
         if v is not None and not set(v) <= {"train", "test"}:
@@ -80,6 +82,9 @@ class DataConfig(Strict):
         if not 0 < v[0] <= v[1] <= 1:
             raise ValueError(f"needs 0 < low <= high <= 1, got {list(v)}")
         return v
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="carve a seeded, class-stratified validation split of "
+                                                           "this fraction from every task's training images "
+                                                           "(results.json: val_metrics; loracl sweep --select)")
     normalize: bool = True
     resize: Literal["backbone", "resize", "resize_crop"] = "backbone"
     stats_augment: bool = Field(True, description="statistics / feature passes see the training transforms "

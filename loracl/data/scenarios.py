@@ -34,10 +34,13 @@ class Task:
     templates: list[str] = field(default_factory=lambda: [DEFAULT_TEMPLATE])
     dataset: str = ""
     class_keys: list[str] | None = None  # the classes as the data names them, where that differs from the names
+    val: ImageSet | None = None  # validation images carved from the training ones (`data.val_fraction`)
 
     def summary(self) -> dict:
         out = {"name": self.name, "dataset": self.dataset, "class_ids": self.class_ids,
                "class_names": self.class_names, "train_size": len(self.train), "test_size": len(self.test)}
+        if self.val is not None:
+            out["val_size"] = len(self.val)
         if self.class_keys is not None and self.class_keys != self.class_names:
             out["class_keys"] = self.class_keys
         return out
@@ -187,3 +190,18 @@ def build_scenario(cfg: BenchmarkConfig, seed: int) -> Scenario:
         names.extend(ds.class_names)
         offset += n
     return _checked(Scenario(kind, cfg.name, tasks, names))
+
+
+def carve_validation(sc: Scenario, fraction: float, seed: int) -> Scenario:
+    """Every task's training images split, per class and seeded, into training and validation images: model and
+    hyper-parameter selection can then use validation images only, never test ones."""
+    from .datasets import stratified_split
+    from .loader import derive_seed
+
+    for t in sc.tasks:
+        train, val = stratified_split(t.train.targets, fraction, derive_seed(seed, "validation", t.index))
+        if len(val) == 0 or len(train) == 0:
+            raise ConfigError(f"data.val_fraction {fraction}: task {t.index} ('{t.name}') has {len(t.train)} "
+                              f"training images, too few to split")
+        t.train, t.val = t.train.subset(train), t.train.subset(val)
+    return sc

@@ -66,21 +66,23 @@ class Evaluator:
         """The logits function for task i's test images: with the task only for a method that uses it."""
         return (lambda x, ids: logits(x, ids, task=i)) if self.task_identity else logits
 
-    def evaluate_row(self, j: int, logits) -> tuple[list, list | None]:
+    def evaluate_row(self, j: int, logits, split: str = "test") -> tuple[list, list | None]:
         """Accuracies on every task after training task j; in a class-incremental scenario also the
-        task-aware ones (the task's own classes only: what is left when the task identity is given)."""
+        task-aware ones (the task's own classes only: what is left when the task identity is given). `split`
+        "val": on the validation images carved from the training ones (`data.val_fraction`)."""
         row, aware = [], []
         for i, task in enumerate(self.scenario.tasks):
             ids = self.scenario.eval_classes(i, j)
+            images = task.test if split == "test" else task.val
             if ids is None or not self.model.head.knows(ids):
                 row.append(None)
                 aware.append(None)
             elif self.scenario.kind == "class-incremental" and set(ids) != set(task.class_ids):
-                acc, own = self.accuracy(task.test, ids, self.scorer(logits, i), own=task.class_ids)
+                acc, own = self.accuracy(images, ids, self.scorer(logits, i), own=task.class_ids)
                 row.append(acc)
                 aware.append(own)
             else:
-                row.append(self.accuracy(task.test, ids, self.scorer(logits, i)))
+                row.append(self.accuracy(images, ids, self.scorer(logits, i)))
                 aware.append(row[-1])
         return row, (aware if self.scenario.kind == "class-incremental" else None)
 
@@ -103,8 +105,8 @@ class Evaluator:
         return ncm_accuracy(services, self.model, [t.train for t in tasks],
                             [self.data.eval_subset(t.test) for t in tasks], ids)
 
-    def eval_sizes(self) -> list[int]:
-        return [len(self.data.eval_subset(t.test)) for t in self.scenario.tasks]
+    def eval_sizes(self, split: str = "test") -> list[int]:
+        return [len(self.data.eval_subset(t.test if split == "test" else t.val)) for t in self.scenario.tasks]
 
     def retention_accuracy(self) -> float | None:
         """Top-1 of the pretrained head on the backbone's pretraining domain, through the current backbone."""

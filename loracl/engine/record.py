@@ -123,22 +123,33 @@ class RunRecord:
                 if v is not None:
                     self._tb.add_scalar(f"acc/task{i}", v, t)
 
-    def metrics(self, eval_sizes: list[int]) -> dict:
-        a = self.results["acc_matrix"]
+    def val_done(self, t: int, row, aware, sizes: list[int]) -> None:
+        """The validation row after task t (`data.val_fraction`): val_acc_matrix and val_metrics, the same keys
+        as the test ones, on images carved from the training sets."""
+        T = len(self.scenario)
+        self.results.setdefault("val_acc_matrix", [[None] * T for _ in range(T)])[t] = row
+        if aware is not None:
+            self.results.setdefault("val_acc_matrix_task_aware", [[None] * T for _ in range(T)])[t] = aware
+        self.results["val_metrics"] = self.metrics(sizes, "val_")
+
+    def metrics(self, eval_sizes: list[int], prefix: str = "") -> dict:
+        a = self.results[f"{prefix}acc_matrix"]
         done = [j for j, r in enumerate(a) if any(v is not None for v in r)]
         T = (done[-1] + 1) if done else 0
         if T == 0:
             return {}
         sub = [row[:T] for row in a[:T]]
-        before = self.results["acc_before"][:T] if self.results["acc_before"] else None
+        before = self.results["acc_before"][:T] if self.results["acc_before"] and not prefix else None
         m = all_metrics(sub, eval_sizes[:T], self.scenario.kind, before)
-        aware = self.results.get("acc_matrix_task_aware")
+        aware = self.results.get(f"{prefix}acc_matrix_task_aware")
         if aware is not None and aware[T - 1][0] is not None:
             # task-incremental accuracy (task identity given at test time), beside the class-incremental one
             aware = [row[:T] for row in aware[:T]]
             m["final_acc_task_aware"] = round(final_acc_task_avg(aware), 4)
             la = learning_acc(aware)  # None where tasks are not scored one by one as learned (joint)
             m["learning_acc_task_aware"] = None if la is None else round(la, 4)
+        if prefix:  # validation: the accuracy matrix's metrics only
+            return m
         if self.results.get("final_acc_ncm") is not None:
             m["final_acc_ncm"] = self.results["final_acc_ncm"]
         if self.results["retention"] is not None:

@@ -125,8 +125,13 @@ def _cell(ms, nd=2):
     return f"{m:.{nd}f}" if s is None else f"{m:.{nd}f} ± {s:.{nd}f}"
 
 
-def render(rows: list[dict], ref: str | None = None) -> str:
-    used = [(k, h) for k, h in COLUMNS if any(r["metrics"][k][0] is not None for r in rows)]
+# the columns a newcomer reads first (`loracl demo` prints these; the written comparison has every column)
+FIRST_COLUMNS = ("final_acc", "forgetting", "transfer", "last", "pretrained_retention")
+
+
+def render(rows: list[dict], ref: str | None = None, columns: tuple[str, ...] | None = None) -> str:
+    used = [(k, h) for k, h in COLUMNS if any(r["metrics"][k][0] is not None for r in rows)
+            and (columns is None or k in columns)]
     head = ["benchmark", "method", "seeds"] + [h for _, h in used] + ["train s/task", "train TFLOPs (all tasks)",
                                                                       "FLOPs ratio"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -226,7 +231,9 @@ def render_published(rows: list[dict]) -> str:
                       head, "|" + "---|" * 7] + lines)
 
 
-def compare(dirs: list[Path], out: Path | None = None, ref: str | None = None) -> str:
+def compare(dirs: list[Path], out: Path | None = None, ref: str | None = None, first_columns: bool = False) -> str:
+    """The table of the runs under `dirs` (written to `out` in full, with a .json beside it); `first_columns`:
+    the text returned holds only the columns a newcomer reads first."""
     runs = find_runs(dirs)
     rows = summarize(runs)
     if not rows:
@@ -242,4 +249,7 @@ def compare(dirs: list[Path], out: Path | None = None, ref: str | None = None) -
     out.write_text(text + "\n")
     out.with_suffix(".json").write_text(json.dumps([{k: v for k, v in r.items() if k != "config"} for r in rows],
                                                    indent=1))
+    if first_columns:
+        text = render(rows, ref, FIRST_COLUMNS) + (("\n\n" + pub) if pub else "")
+        return text + f"\n\n(every column: {out})"
     return text + f"\n\n(written to {out})"

@@ -21,7 +21,7 @@ from ..cl.alignment import ClassifierAlignment
 from ..config import RunConfig
 from ..data.datasets import ImageSet
 from ..data.loader import derive_seed
-from ..data.scenarios import Scenario, Task, build_scenario
+from ..data.scenarios import Scenario, Task, build_scenario, carve_validation
 from ..engine import Services
 from ..engine.checkpoints import CheckpointManager
 from ..engine.data import DataService
@@ -71,6 +71,8 @@ class Runner:
         seed_all(derive_seed(cfg.seed, "build"))
         # a scenario given by the caller (synthetic images for `loracl bench`) stands in for cfg.benchmark's
         self.scenario: Scenario = scenario or build_scenario(cfg.benchmark, cfg.seed)
+        if cfg.data.val_fraction > 0 and self.scenario.tasks[0].val is None:
+            carve_validation(self.scenario, cfg.data.val_fraction, cfg.seed)
         self.check_capabilities(cls)
         self.model: ContinualModel = build_model(cfg, self.device)
         find_unused = cfg.train.ddp_find_unused
@@ -168,8 +170,9 @@ class Runner:
         last = tasks[-1]
         ids = self.scenario.seen_classes(len(tasks) - 1)
         names = [self.scenario.class_names[i] for i in ids]
+        val = ImageSet.concat([t.val for t in tasks]) if last.val is not None else None
         return Task(last.index, "joint", ids, names, ImageSet.concat([t.train for t in tasks]),
-                    ImageSet.concat([t.test for t in tasks]), last.templates, "joint")
+                    ImageSet.concat([t.test for t in tasks]), last.templates, "joint", val=val)
 
     def _components(self) -> dict:
         return {"align": self.aligner.state_dict()} if self.aligner is not None else {}
@@ -203,6 +206,9 @@ class Runner:
         if self.results["retention"] is not None and (cfg.eval.retention_every_task or t == T - 1):
             self.results["retention"]["per_task"][t] = self.evaluator.retention_accuracy()
         self.record.task_done(t, row, aware, seconds, time.perf_counter() - e0, self.evaluator.eval_sizes())
+        if task.val is not None:  # data.val_fraction: the same row on validation images (what selection may use)
+            vrow, vaware = self.evaluator.evaluate_row(t, method.logits, split="val")
+            self.record.val_done(t, vrow, vaware, self.evaluator.eval_sizes("val"))
         if cfg.eval.ncm and (t == T - 1 or self.caps.joint):  # after the task's cost is recorded: not training
             self.results["final_acc_ncm"] = self.evaluator.ncm_accuracy(self.services, t)
             self.results["metrics"]["final_acc_ncm"] = self.results["final_acc_ncm"]
