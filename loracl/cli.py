@@ -1,4 +1,4 @@
-"""The `loracl` command: run, list, compare, report, export, predict, demo."""
+"""The `loracl` command: run, list, compare, report, export, predict, demo, sweep, data, bench."""
 
 from __future__ import annotations
 
