@@ -125,7 +125,7 @@ def test_planted_pickle_checkpoint_is_never_executed(finished, tmp_path, capsys)
     ck = out / "checkpoints" / "task_01.pt"
     ck.write_bytes(pickle.dumps({"task": 1, "x": Planted(marker)}))
     torch.save({"task": 1, "x": Planted(marker)}, out / "checkpoints" / "step.pt")  # the zip format too
-    rc = main(["run", "--resume", "--out", str(out)])
+    main(["run", "--resume", "--out", str(out)])
     text = "\n".join(capsys.readouterr())  # refused on stderr, or passed over (and named) in the run's log
     assert not marker.exists()
     assert "Traceback" not in text and ("task_01.pt" in text or "step.pt" in text), text

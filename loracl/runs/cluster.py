@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .sweep import Point, Progress, last_line, state_of
+from .points import Point, Progress, last_line, state_of
 
 
 def _submitit():
