@@ -131,6 +131,18 @@ class LinearHead(Head):
             self.add_classes(ids)
 
 
+def prompt_embeddings(backbone, prompts: list[list[str]]) -> torch.Tensor:
+    """One unit embedding per class: its prompts through `backbone`'s text encoder (one batch), each normalised,
+    averaged and normalised again (CLIP's prompt ensembling)."""
+    tok = backbone.tokenize([p for ps in prompts for p in ps]).to(backbone.logit_scale.device)
+    e = F.normalize(backbone.encode_text(tok).float(), dim=-1)
+    out, k = [], 0
+    for ps in prompts:
+        out.append(F.normalize(e[k:k + len(ps)].mean(0), dim=-1))
+        k += len(ps)
+    return torch.stack(out)
+
+
 class TextHead(Head):
     """CLIP's zero-shot classifier: cosine similarity with text embeddings of prompted class names.
 
@@ -171,27 +183,8 @@ class TextHead(Head):
         active = tuple(m.active for m in self.backbone.model.transformer.modules() if isinstance(m, LoRALayer))
         return tuple((id(t), t._version) for t in self._text_tensors()) + (active,)
 
-    def encode(self, ids: list[int]) -> torch.Tensor:
-        bb = self.backbone
-        dev = bb.logit_scale.device
-        embs = []
-        for i in ids:
-            tok = bb.tokenize(self.prompts[i]).to(dev)
-            e = F.normalize(bb.encode_text(tok).float(), dim=-1).mean(0)
-            embs.append(F.normalize(e, dim=-1))
-        return torch.stack(embs)
-
     def encode_batched(self, ids: list[int]) -> torch.Tensor:
-        bb = self.backbone
-        dev = bb.logit_scale.device
-        n = [len(self.prompts[i]) for i in ids]
-        tok = bb.tokenize([p for i in ids for p in self.prompts[i]]).to(dev)
-        e = F.normalize(bb.encode_text(tok).float(), dim=-1)
-        out, k = [], 0
-        for m in n:
-            out.append(F.normalize(e[k:k + m].mean(0), dim=-1))
-            k += m
-        return torch.stack(out)
+        return prompt_embeddings(self.backbone, [self.prompts[i] for i in ids])
 
     def text_embeddings(self, class_ids: torch.Tensor) -> torch.Tensor:
         ids = [int(i) for i in class_ids.tolist()]
