@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/loracl demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=15
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"

@@ -102,3 +102,51 @@ def test_wise_ft_interpolates_with_the_start(tmp_path, one_thread):
         moved += int(not torch.equal(ends[1.0][n], start[n]))
     assert moved > 0
     assert np.isfinite(r.results["metrics"]["final_acc"])
+
+
+@pytest.mark.shared
+def test_zscl_without_its_reference_set_stops_before_training(tmp_path, capsys):
+    from loracl.cli import main
+
+    rc = main(["run", "--preset", "mini-mtil", "--method", "zscl", "--out", str(tmp_path / "z"), "--set",
+               "method.reference=null", *[a for s in CLIP for a in ("--set", s)]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "method.reference" in err[0]
+    assert not (tmp_path / "z" / "checkpoints").exists() or not any((tmp_path / "z" / "checkpoints").iterdir())
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_zscl_weight_ensemble_and_l2(tmp_path, one_thread):
+    r = _runner(tmp_path, "zscl", "mini-mtil", CLIP + ["method.we_every=2"])
+    r.prepare()
+    m, task = r.method, r.scenario.tasks[0]
+    m.begin_task(task)
+    name, p = next((n, p) for n, p in r.model.backbone.named_parameters() if p.requires_grad)
+    start, snaps = p.detach().clone(), []
+    x, y = next(iter(r.data.eval_batches(task.train)))
+    batch = Batch(x, y, torch.arange(len(y)))
+    m.cfg.we_every, grads = 0, []
+    for l2 in (1.0, 0.0):  # at the task's start the L2 term is zero, and so is its gradient
+        m.cfg.l2 = l2
+        r.model.zero_grad()
+        m.loss(r.model, batch, task).backward()
+        grads.append(p.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+    m.cfg.we_every, m.cfg.l2, m.steps = 2, 1.0, 0
+    for k in range(5):  # five steps; the optimiser's step replaced by a known change
+        m.loss(r.model, batch, task)
+        with torch.no_grad():
+            p.add_(float(k + 1))
+        snaps.append(p.detach().clone())
+    m.end_task(task)  # the mean of the start and the weights after steps 0, 2 and 4
+    torch.testing.assert_close(p.detach(), (start + snaps[0] + snaps[2] + snaps[4]) / 4)
+
+
+@pytest.mark.shared
+@pytest.mark.slow
+def test_zscl_reference_passes_count_in_flops(tmp_path, one_thread):
+    steps = ["train.max_steps_per_epoch=2", "train.epochs=1"]
+    flops = {m: _runner(tmp_path / m, m, "mini-mtil", CLIP + steps).run()["cost"]["train_flops_per_task"][0]
+             for m in ("seq-ft", "zscl")}
+    assert flops["zscl"] > 2 * flops["seq-ft"]  # the reference batch through both models, besides the task's

@@ -8,7 +8,10 @@ torchvision dataset); an unreadable file raises one DataError that names it. Eve
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import sys
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +98,31 @@ class FileSource(ImageSource):
 
     def describe(self, index: int) -> str:
         return self.paths[index]
+
+
+class ZipSource(ImageSource):
+    """Members of one zip archive, read in place (Tiny-ImageNet's 100,000 training images as one file); each
+    process opens its own handle."""
+
+    def __init__(self, path: str, members: list[str], name: str):
+        self.path, self.members, self.name = str(path), members, name
+        self._zip, self._pid = None, None
+
+    def __getstate__(self):  # data-loader workers open their own handle
+        return {**self.__dict__, "_zip": None, "_pid": None}
+
+    def load(self, index: int) -> Image.Image:
+        try:
+            if self._zip is None or self._pid != os.getpid():
+                self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
+            img = Image.open(io.BytesIO(self._zip.read(self.members[index])))
+            img.load()
+        except (OSError, KeyError, zipfile.BadZipFile, UnidentifiedImageError, ValueError) as e:
+            raise DataError(f"cannot read image {self.describe(index)}: {e.__class__.__name__}: {e}") from None
+        return to_rgb(img)
+
+    def describe(self, index: int) -> str:
+        return f"{self.path}:{self.members[index]}"
 
 
 class TorchvisionSource(ImageSource):

@@ -16,7 +16,7 @@ from ..config import DatasetSpec
 from ..errors import DataError
 from .images import DatasetSplits
 
-LOADER_MODULES = ("loracl.data.datasets", "loracl.data.mtil")
+LOADER_MODULES = ("loracl.data.datasets", "loracl.data.mtil", "loracl.data.tiny_imagenet")
 
 LOADERS: dict[str, Callable[[DatasetSpec], DatasetSplits]] = {}
 
