@@ -123,6 +123,9 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm (None: no clipping)")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for smoke runs")
     checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: task boundaries only)")
+    keep_checkpoints: int | None = Field(
+        None, ge=1, description="keep only the newest N task checkpoints (None: all; the last one is what resume, "
+                                "export and predict read; earlier ones feed per-task diagnostics)")
     nan_policy: Literal["stop", "skip"] = "stop"
     compile: bool = Field(False, description="torch.compile the training forward (recompiles when branches change)")
     ddp_find_unused: bool | None = Field(

@@ -88,6 +88,7 @@ def test_resume_equals_uninterrupted(tmp_path):
                          "train.checkpoint_every": 2, "data.batch_size": 8})
     rc, full = run(tmp_path, sets=sets, name="full")
     assert rc == 0
+    sets = sets + ["train.keep_checkpoints=1"]  # the interrupted run keeps only its newest task checkpoint
     with interrupted_at_step_checkpoint(4):  # second step checkpoint of task 1
         rc, part = run(tmp_path, sets=sets, name="part")
     assert rc == 130 and (part / "checkpoints" / "step.pt").exists()
@@ -97,6 +98,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert a["acc_matrix"] == b["acc_matrix"] and a["metrics"] == b["metrics"]
     assert a["cost"]["train_flops_per_task"] == b["cost"]["train_flops_per_task"]
     assert not (part / "checkpoints" / "step.pt").exists()
+    assert sorted(p.name for p in (full / "checkpoints").glob("task_*.pt")) == [f"task_0{i}.pt" for i in range(4)]
+    assert [p.name for p in (part / "checkpoints").glob("task_*.pt")] == ["task_03.pt"]
 
 
 @register

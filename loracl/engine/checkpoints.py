@@ -21,8 +21,10 @@ from .record import RunRecord
 
 
 class CheckpointManager:
-    def __init__(self, out: Path, model: ContinualModel, record: RunRecord, device: torch.device, log=print):
+    def __init__(self, out: Path, model: ContinualModel, record: RunRecord, device: torch.device, log=print,
+                 keep: int | None = None):
         self.dir = Path(out) / "checkpoints"
+        self.keep = keep  # newest task checkpoints kept (None: all)
         self.model, self.record, self.device, self.log = model, record, device, log
         self.base_digests = digests(model)  # the pretrained model, before any method touched it
 
@@ -79,6 +81,9 @@ class CheckpointManager:
                  "components": components}
         self._save_good(state, self.dir / f"task_{task_index:02d}.pt", f"after task {task_index}")
         self.drop_step()
+        if self.keep is not None:  # only once the new one is safely on disk
+            for old in sorted(self.dir.glob("task_*.pt"))[:-self.keep]:
+                old.unlink()
 
     def save_step(self, task, opt, sched, scaler, epoch, batch, step, method: dict) -> None:
         if not dist.is_main():

@@ -78,7 +78,8 @@ class Runner:
         find_unused = cfg.train.ddp_find_unused
         find_unused = (not self.caps.all_params_every_step) if find_unused is None else find_unused
         self.record = RunRecord(cfg, self.scenario, self.out, self.device, meter)
-        self.checkpoints = CheckpointManager(self.out, self.model, self.record, self.device, self.log)
+        self.checkpoints = CheckpointManager(self.out, self.model, self.record, self.device, self.log,
+                                             keep=cfg.train.keep_checkpoints)
         self.data = DataService(cfg, self.device, self.scenario, self.model.backbone.data_config(),
                                 joint=self.caps.joint, log=self.log)
         self.precision = Precision(cfg.train.amp, self.device)
