@@ -3,6 +3,9 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# pytest workers (pytest-xdist): the suite is CPU-bound and these machines have 2 cores; TEST_WORKERS=0 runs it in
+# one process
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast install clean
 
@@ -17,10 +20,10 @@ demo: $(STAMP)
 	$(BIN)/loracl demo --out runs/demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests --durations=15
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) --durations=15
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests -m "not slow"
+	$(BIN)/python -m pytest tests -n $(TEST_WORKERS) -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
