@@ -84,6 +84,41 @@ class Branch(nn.Module):
         return f"rank={self.rank}, scale={self.scale:g}"
 
 
+@branch_kind
+class WeightedBranch(Branch):
+    """A LoRA branch times a trainable scalar: weight * scale * up @ down (CL-LoRA's block weights)."""
+
+    kind = "weighted"
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, scale: float = 1.0, train_down: bool = True,
+                 train_up: bool = True, weight: float = 1.0, train_weight: bool = True):
+        super().__init__(down, up, scale, train_down, train_up)
+        self.weight = nn.Parameter(torch.tensor(float(weight)), requires_grad=train_weight)
+        self.train_weight = train_weight
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.weight * super().delta_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight.to(x.dtype) * super().forward(x)
+
+    def restore_trainable(self) -> None:
+        super().restore_trainable()
+        self.weight.requires_grad_(self.train_weight)
+
+    def freeze(self) -> None:
+        self.train_weight = False
+        super().freeze()
+
+    def spec(self) -> dict:
+        return {**super().spec(), "train_weight": self.train_weight}
+
+    @classmethod
+    def from_spec(cls, sp: dict, shared=None) -> "WeightedBranch":
+        return cls(torch.zeros(sp["rank"], sp["d_in"]), torch.zeros(sp["d_out"], sp["rank"]), sp["scale"],
+                   sp["train_down"], sp["train_up"], 1.0, sp["train_weight"])
+
+
 def branch_from_spec(sp: dict, shared=None) -> nn.Module:
     """An empty branch of the kind and shapes `sp` describes (checkpoints before kinds existed: plain LoRA)."""
     kind = sp.get("kind", "lora")
@@ -279,25 +314,27 @@ class FrozenDirections(nn.Module):
 
 @branch_kind
 class Adapter(nn.Module):
-    """A parallel bottleneck adapter (AdaptFormer): scale * up(relu(down(x))), beside a block's MLP on its input;
-    `up` starts at zero, so a new adapter changes nothing. Not linear in x: it cannot be merged into a weight."""
+    """A parallel bottleneck adapter (AdaptFormer): scale * up(dropout(relu(down(x)))), beside a block's MLP on its
+    input; `up` starts at zero, so a new adapter changes nothing. Not linear in x: it cannot be merged into a
+    weight."""
 
     kind = "adapter"
 
-    def __init__(self, d_in: int, d_out: int, width: int, scale: float = 0.1, trainable: bool = True):
+    def __init__(self, d_in: int, d_out: int, width: int, scale: float = 0.1, trainable: bool = True,
+                 dropout: float = 0.0):
         super().__init__()
         self.down = nn.Linear(d_in, width)
         self.up = nn.Linear(width, d_out)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        self.scale, self.trainable = float(scale), trainable
+        self.scale, self.trainable, self.dropout = float(scale), trainable, float(dropout)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.down.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.up(F.relu(self.down(x)))
+        return self.scale * self.up(F.dropout(F.relu(self.down(x)), self.dropout, self.training))
 
     def delta_weight(self) -> torch.Tensor:
         raise TypeError("a parallel adapter is not linear in its input: it cannot be merged into a weight")
@@ -312,8 +349,9 @@ class Adapter(nn.Module):
 
     def spec(self) -> dict:
         return {"kind": self.kind, "d_in": self.down.in_features, "d_out": self.up.out_features,
-                "width": self.down.out_features, "scale": self.scale, "trainable": self.trainable}
+                "width": self.down.out_features, "scale": self.scale, "trainable": self.trainable,
+                "dropout": self.dropout}
 
     @classmethod
     def from_spec(cls, sp: dict, shared=None) -> "Adapter":
-        return cls(sp["d_in"], sp["d_out"], sp["width"], sp["scale"], sp["trainable"])
+        return cls(sp["d_in"], sp["d_out"], sp["width"], sp["scale"], sp["trainable"], sp.get("dropout", 0.0))

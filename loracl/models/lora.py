@@ -50,7 +50,13 @@ class LoRALayer(nn.Module):
         self.branches = nn.ModuleDict({name: nn.ModuleDict() for name in slices})
         self.taps: dict[int, Callable[[torch.Tensor], None]] = {}
         self.active = True  # False: branches are skipped (the weight alone is used)
+        self.selected: frozenset[str] | None = None  # tags summed in a forward (None: every branch)
         self._next_tap = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Identity: a layer of parallel adapters is a child of its host, and a host that is an nn.Sequential
+        (open_clip's MLP) calls it as its last step; the branches are added by the host's hook."""
+        return x
 
     @property
     def weight(self) -> nn.Parameter:
@@ -102,10 +108,11 @@ class LoRALayer(nn.Module):
         if not self.active:
             return out
         for name, branches in self.branches.items():
-            if len(branches) == 0:
+            live = [br for t, br in branches.items() if self.selected is None or t in self.selected]
+            if not live:
                 continue
             a, b = self.slices[name]
-            delta = self.branch_delta(branches.values(), x).to(out.dtype)
+            delta = self.branch_delta(live, x).to(out.dtype)
             if a == 0 and b == out.shape[-1]:
                 out = out + delta
             else:
@@ -304,6 +311,23 @@ class LoRAAdapter:
         finally:
             for layer, a in zip(self.layers, old):
                 layer.active = a
+
+    def select(self, tags) -> None:
+        """From now on every layer sums only the branches tagged in `tags` (None: all); the others stay stored,
+        unused (CL-LoRA runs one task's branches per forward). Not saved: a method sets it again in `restore`."""
+        for layer in self.layers:
+            layer.selected = None if tags is None else frozenset(tags)
+
+    @contextlib.contextmanager
+    def selected(self, tags):
+        """`select(tags)` within the block only."""
+        old = [layer.selected for layer in self.layers]
+        self.select(tags)
+        try:
+            yield
+        finally:
+            for layer, sel in zip(self.layers, old):
+                layer.selected = sel
 
     def structure(self) -> list[list[dict]]:
         return [[{**br.spec(), "tag": tag} for tag, br in s.branches.items()] for s in self.sites]
