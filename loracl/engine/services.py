@@ -14,6 +14,8 @@ from ..data.loader import derive_seed
 from .data import Batch, ClassIds
 
 if TYPE_CHECKING:
+    import torch
+
     from ..config import OptimizerConfig, ScheduleConfig
     from ..data.datasets import ImageSet
     from ..data.scenarios import Scenario, Task
@@ -38,6 +40,11 @@ class RunServices(Protocol):
             schedule: "ScheduleConfig | None" = None, batch_size: int | None = None) -> int:
         """An extra training phase through the run's loop (FLOPs, precision, progress, DDP): `loss(net, batch,
         task)` over `images`, training `groups`, for `epochs` (None: the task's)."""
+
+    def optimizer_step(self, loss: torch.Tensor, after=None) -> None:
+        """Only inside `loss` during `fit`: backward `loss`, call `after()` (a gradient edit), take one step of
+        fit's optimiser and zero the gradients: a second update per batch before the loss `loss` returns
+        (CL-LoRA's distillation step). Its forwards are the method's own (not through DDP)."""
 
     def forward_pass(self, images: "ImageSet", fn: Callable[[Batch], None], *, desc: str, view: str = "train",
                      grad: bool = False, batch_size: int | None = None, drop_last: bool = False) -> None:
@@ -93,6 +100,11 @@ class Services:
 
     def fit(self, task, **kw) -> int:
         return self._trainer.fit(task, **kw)
+
+    def optimizer_step(self, loss, after=None) -> None:
+        if self._trainer.optimizer_step is None:
+            raise RuntimeError("optimizer_step is only available inside a loss that fit is running")
+        self._trainer.optimizer_step(loss, after)
 
     def forward_pass(self, images, fn, **kw) -> None:
         return self._trainer.forward_pass(images, fn, **kw)

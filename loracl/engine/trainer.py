@@ -112,6 +112,7 @@ class Trainer:
         self.precision, self.checkpoints, self.progress = precision, checkpoints, progress
         self.find_unused = find_unused  # DDP: search each step's graph for trained parameters without a gradient
         self.current_task: Task | None = None
+        self.optimizer_step = None  # while `fit` runs: an extra optimiser step a loss may take (RunServices)
 
     def forward_pass(self, images: ImageSet, fn, *, desc: str, view: str = "train", grad: bool = False,
                      batch_size: int | None = None, drop_last: bool = False) -> None:
@@ -134,12 +135,13 @@ class Trainer:
     def fit(self, task: Task, *, phase: str, images: ImageSet, epochs: int | None, groups: dict, loss, after_backward=None,
             optimizer: OptimizerConfig | None = None, lr: float | None = None, schedule: ScheduleConfig | None = None,
             batch_size: int | None = None, resume_state: dict | None = None, max_steps: int | None = None,
-            save_step=None) -> int:
+            save_step=None, begin_epoch=None) -> int:
         """Train the parameters in `groups` ({group name: parameters}) for `epochs` (None: the task's, from
         `train.epochs`) over `images` with `loss(net, batch, task)`; returns the number of steps taken. `after_backward(task)` runs between the
         backward and the optimiser step; `lr` replaces the optimiser's learning rate; `save_step(task, opt,
         sched, scaler, epoch, batch, step)` writes the mid-task checkpoints of `train.checkpoint_every`;
-        `max_steps` caps the steps per epoch below `train.max_steps_per_epoch` (the bench's warm-up)."""
+        `max_steps` caps the steps per epoch below `train.max_steps_per_epoch` (the bench's warm-up);
+        `begin_epoch(task, epoch)` runs before each epoch's first step (a resumed one too), outside any step."""
         cfg = self.cfg
         epochs = cfg.epochs_for(task.index) if epochs is None else epochs
         params = [p for ps in groups.values() for p in ps if p.requires_grad]
@@ -168,6 +170,20 @@ class Trainer:
         first_bad = torch.tensor(-1, device=self.device)
         watch = DivergenceWatch(self.device)
         loss_value = torch.zeros(())
+
+        def optimizer_step(value: torch.Tensor, after=None) -> None:
+            """Inside `loss`: backward `value`, call `after()`, one optimiser step, zero the gradients."""
+            scaler.scale(value).backward()
+            if after is not None:
+                after()
+            if cfg.train.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+
+        self.optimizer_step = optimizer_step
         flops = self.record.flops
         net = self._data_parallel()
         if cfg.train.compile:
@@ -181,6 +197,8 @@ class Trainer:
         try:
             with self.record.timed(phase):
                 for epoch in range(start_epoch, epochs):
+                    if begin_epoch is not None:
+                        begin_epoch(task, epoch)
                     b0 = start_batch if epoch == start_epoch else 0
                     batches = self.data.batches(images, train=True, seed_parts=(task.index, phase, epoch),
                                                 batch_size=bs, start=b0, equal_steps=True)
@@ -227,6 +245,7 @@ class Trainer:
         finally:
             bar.close()
             model.eval()
+            self.optimizer_step = None
         return step
 
     def _data_parallel(self):

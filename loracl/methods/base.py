@@ -9,6 +9,7 @@ configurations (`variants`) and hooks the runner calls in this order:
         begin_task(task)           statistics passes, new branches, new head classes, what trains
         restore(task)              only after a mid-task resume reloaded the model: rebuild what derives from it
         param_groups(task)         what the optimiser trains: a pure query (default: what the model declares)
+        begin_epoch(task, epoch)   before each epoch of the task's training (LAE's calibration epochs)
         loss(net, batch, task)     every training step; `net` is the forward to call (DDP's wrapper under torchrun)
         after_backward(task)       between backward and step (A-GEM's projection)
         end_task(task)             merges, memories, extra training phases (run.fit)
@@ -115,6 +116,10 @@ class Method:
 
     def param_groups(self, task: "Task") -> dict[str, list[torch.nn.Parameter]]:
         return self.model.param_groups()
+
+    def begin_epoch(self, task: "Task", epoch: int) -> None:
+        """Before epoch `epoch` of the task's training phase (also the epoch a mid-task resume continues),
+        outside any step: what trains may change here (call `self.run.cost.recount("train")` when it does)."""
 
     def loss(self, net, batch: Batch, task: "Task") -> torch.Tensor:
         ids = self.run.classes.train(task)

@@ -196,7 +196,7 @@ class Runner:
             method.restore(task)
         self.trainer.fit(task, phase="train", images=task.train, epochs=cfg.epochs_for(t),
                          groups=method.param_groups(task), loss=method.loss, after_backward=method.after_backward,
-                         resume_state=resume_state, save_step=self._save_step)
+                         resume_state=resume_state, save_step=self._save_step, begin_epoch=method.begin_epoch)
         with self.record.timed("end_task"):
             method.end_task(task)
         if self.aligner is not None:
