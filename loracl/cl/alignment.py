@@ -65,6 +65,44 @@ def sample_features(means: torch.Tensor, chols: torch.Tensor, per_class: int, ge
     return x.reshape(C * per_class, d), torch.arange(C, device=means.device).repeat_interleave(per_class)
 
 
+def sample_diagonal(means: torch.Tensor, variances: torch.Tensor, per_row: int, generator: torch.Generator,
+                    ridge: float = COV_RIDGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """`per_row` draws from N(mean_r, diag(var_r) + ridge I) for every stored row r (HiDe-Prompt's clusters; rows
+    with zero variance, single-image clusters, are skipped as in its code) and the row of each draw."""
+    keep = torch.nonzero(variances.mean(1) != 0).flatten()
+    z = torch.randn(len(keep), per_row, means.shape[1], generator=generator, dtype=torch.float64).to(means.device)
+    x = means[keep].unsqueeze(1) + z * (variances[keep] + ridge).sqrt().unsqueeze(1)
+    return x.reshape(-1, means.shape[1]), keep.to(means.device).repeat_interleave(per_row)
+
+
+def retrain_on_draws(params, draw, logits_of, generator: torch.Generator, *, epochs: int, lr: float,
+                     momentum: float, weight_decay: float, batch_size: int, steps: int | None = None) -> list[float]:
+    """The alignment step on stored statistics: SGD (momentum, weight decay) on `params`, lr cosine-annealed per
+    epoch; each epoch `draw()` gives fresh features and their target columns, shuffled by `generator`, and
+    `steps` mini-batches of `batch_size` (None: all of them) step cross-entropy on `logits_of(features)`.
+    Returns the mean loss of each epoch."""
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    losses = []
+    with torch.enable_grad():
+        for epoch in range(epochs):
+            for g in opt.param_groups:  # cosine annealing over the epochs, stepped per epoch as the official codes
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+            x, y = draw()
+            order = torch.randperm(len(y), generator=generator).to(x.device)
+            total, n = torch.zeros((), device=x.device), 0
+            for s in list(range(0, len(y), batch_size))[:steps]:
+                idx = order[s:s + batch_size]
+                loss = F.cross_entropy(logits_of(x[idx].float()), y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach() * len(idx)
+                n += len(idx)
+            losses.append(float(total) / max(n, 1))
+    opt.zero_grad(set_to_none=True)
+    return losses
+
+
 def normalised_logits(logits: torch.Tensor, blocks: list[int], temperature: float) -> torch.Tensor:
     """Logits divided by the mean over tasks of each task block's L2 norm (per sample), then by the temperature."""
     norms = torch.stack([b.norm(dim=-1) + 1e-7 for b in logits.split(blocks, dim=-1)], -1)
@@ -109,33 +147,23 @@ class ClassifierAlignment:
         flags = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(True)
-        opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         means = self.means.to(dev)
         chols = torch.linalg.cholesky(self.covs.to(dev))
         factors = shrink_factors(self.task_of, t) if c.shrink else None
         cols = head.column_of[self.ids.to(head.column_of.device)].to(dev)  # stored class -> head column
         blocks = [len(ids) for ids in head.chunk_ids]
         gen = torch.Generator().manual_seed(self.run.seed("align", t))
-        losses = []
-        with torch.enable_grad():
-            for epoch in range(c.epochs):
-                for g in opt.param_groups:  # cosine annealing over the epochs, stepped per epoch as the official code
-                    g["lr"] = c.lr * 0.5 * (1 + math.cos(math.pi * epoch / c.epochs))
-                x, k = sample_features(means, chols, c.samples_per_class, gen, factors)
-                order = torch.randperm(len(k), generator=gen).to(dev)
-                total = torch.zeros((), device=dev)
-                for s in range(0, len(k), c.batch_size):
-                    idx = order[s:s + c.batch_size]
-                    logits = head.all_logits(x[idx].float())
-                    if c.logit_norm:
-                        logits = normalised_logits(logits, blocks, c.temperature)
-                    loss = F.cross_entropy(logits, cols[k[idx]])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += loss.detach() * len(idx)
-                losses.append(float(total) / len(k))
-        opt.zero_grad(set_to_none=True)
+
+        def draw():
+            x, k = sample_features(means, chols, c.samples_per_class, gen, factors)
+            return x, cols[k]
+
+        def logits_of(x):
+            logits = head.all_logits(x)
+            return normalised_logits(logits, blocks, c.temperature) if c.logit_norm else logits
+
+        losses = retrain_on_draws(params, draw, logits_of, gen, epochs=c.epochs, lr=c.lr, momentum=c.momentum,
+                                  weight_decay=c.weight_decay, batch_size=c.batch_size)
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         self.run.log(f"  align after task {t}: {len(self.ids)} classes, {c.epochs} epochs, "

@@ -4,7 +4,9 @@
   and the token count are accumulated separately and divided once at the end, so the result is the covariance
   of the whole data set whatever the batch size; across processes the sums are added before the division;
 - per-class feature means and covariances (classifier alignment's Gaussians, NCM's prototypes) and the cosine
-  scoring of features against prototypes.
+  scoring of features against prototypes;
+- per-class multi-centroid statistics (HiDe-Prompt's 'multi-centroid' storage): a seeded k-means of each class's
+  features, and per cluster its mean and per-dimension variance.
 """
 
 from __future__ import annotations
@@ -144,3 +146,54 @@ def class_feature_statistics(run, model, images, class_ids, desc: str, covarianc
 def ncm_logits(feats: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of every feature (rows) with every class prototype (columns): nearest class mean."""
     return F.normalize(feats.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).t()
+
+
+def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 20) -> torch.Tensor:
+    """Cluster labels (N) of the rows of x (N x d) by k-means: k-means++ seeding from the CPU `generator`, then
+    `iters` Lloyd steps (a cluster left empty keeps its centre). k >= N gives every row its own cluster."""
+    n = len(x)
+    if k >= n:
+        return torch.arange(n, device=x.device)
+    x = x.double()
+    first = int(torch.randint(n, (1,), generator=generator))
+    centres = [x[first]]
+    d2 = ((x - x[first]) ** 2).sum(1)
+    for _ in range(k - 1):  # each next centre drawn with probability proportional to the squared distance
+        p = (d2 / d2.sum()).cpu() if d2.sum() > 0 else torch.full((n,), 1.0 / n, dtype=torch.float64)
+        i = int(torch.multinomial(p, 1, generator=generator))
+        centres.append(x[i])
+        d2 = torch.minimum(d2, ((x - x[i]) ** 2).sum(1))
+    c = torch.stack(centres)
+    labels = torch.cdist(x, c).argmin(1)
+    for _ in range(iters):
+        counts = torch.bincount(labels, minlength=k).to(x)
+        sums = torch.zeros_like(c).index_add_(0, labels, x)
+        c = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], c)
+        new = torch.cdist(x, c).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
+def multi_centroid_statistics(feats: torch.Tensor, y: torch.Tensor, class_ids, n_centroids: int,
+                              generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HiDe-Prompt's per-class storage: the features of each class in `class_ids` clustered by `kmeans` into
+    `n_centroids` and, per non-empty cluster, its mean and per-dimension variance (numpy's, 1/N), float64.
+    Returns (means R x d, variances R x d, class id of each row R), classes in the order of `class_ids`."""
+    means, variances, owner = [], [], []
+    for c in class_ids:
+        xc = feats[y == c].double()
+        if not len(xc):
+            continue
+        labels = kmeans(xc, n_centroids, generator)
+        for j in labels.unique().tolist():
+            xj = xc[labels == j]
+            means.append(xj.mean(0))
+            variances.append(xj.var(0, unbiased=False))
+            owner.append(int(c))
+    d = feats.shape[-1]
+    if not means:
+        return feats.new_zeros(0, d, dtype=torch.float64), feats.new_zeros(0, d, dtype=torch.float64), \
+            torch.zeros(0, dtype=torch.long)
+    return torch.stack(means), torch.stack(variances), torch.tensor(owner, dtype=torch.long)
