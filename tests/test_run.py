@@ -222,6 +222,8 @@ def test_demo_runs_on_the_bundled_assets_and_prints_the_table(tmp_path, capsys):
     ("cifar100-mini", "seq-lora", ["benchmark.num_tasks=2", "train.epochs=[1]"], ["train.epochs", "2 tasks"]),
     # what a method declares it runs on (task arithmetic needs tasks with their own classes)
     ("pacs-domains", "ta-lora", [], ["ta-lora", "domain-incremental"]),
+    # a CLIP method scoring against text embeddings, given a linear head
+    ("mini-mtil-clip", "zscl", ["head.kind=linear"], ["zscl", "head.kind: text", "head.kind: linear"]),
     # a LoRA target no backbone has
     ("cifar100-mini", "seq-lora", ["method.targets=[foo]"], ["foo", "method.targets"]),
 ])

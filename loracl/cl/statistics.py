@@ -148,6 +148,22 @@ def ncm_logits(feats: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
     return F.normalize(feats.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).t()
 
 
+def prototype_logits(features, class_ids: torch.Tensor, ids: torch.Tensor, prototypes: torch.Tensor,
+                     rows_of) -> torch.Tensor | None:
+    """`ncm_logits` of `features()` over `class_ids`, for a table of prototypes of the classes `ids`
+    (`rows_of(some_ids, ids)` gives their rows). Classes without a prototype yet score -inf; None when none of
+    `class_ids` has one (the features are then not computed: the caller's own head scores them)."""
+    known = torch.isin(class_ids, ids)
+    if not known.any():
+        return None
+    out = ncm_logits(features(), prototypes[rows_of(class_ids[known], ids)])
+    if known.all():
+        return out
+    full = out.new_full((len(out), len(class_ids)), float("-inf"))
+    full[:, known] = out
+    return full
+
+
 def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 20) -> torch.Tensor:
     """Cluster labels (N) of the rows of x (N x d) by k-means: k-means++ seeding from the CPU `generator`, then
     `iters` Lloyd steps (a cluster left empty keeps its centre). k >= N gives every row its own cluster."""

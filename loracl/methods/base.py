@@ -3,7 +3,7 @@
 A method is one class with a `name`, a typed `Config`, declared capabilities (`caps`), optional named
 configurations (`variants`) and hooks the runner calls in this order:
 
-    check()                        refuse what `caps` cannot say (a head it needs, ...), before anything is built
+    check()                        refuse what `caps` cannot say (conflicting settings, a missing reference set, ...)
     setup()                        once, before the first task (the model is pretrained and untouched)
     for each task:
         begin_task(task)           statistics passes, new branches, new head classes, what trains
@@ -55,6 +55,7 @@ class Capabilities:
     lora: bool = False  # setup injects LoRA (the runner checks it did)
     all_params_every_step: bool = False  # every trained tensor gets a gradient in every step (DDP: no search)
     export: bool = True  # its predictor is the model itself, branches merged: `loracl export` can write it
+    text_head: bool = False  # it scores classes against CLIP's text embeddings (head.kind: text, open_clip)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,16 @@ class LoRAOptions(MethodConfig):
     @property
     def scale(self) -> float:
         return 1.0 if self.alpha is None else self.alpha / self.rank
+
+
+class DistillOptions(MethodConfig):
+    """ZSCL's distillation of CLIP's image-text scores (cl/distill.py) and its label-smoothed cross-entropy: the keys
+    its fine-tuning rows share (lwf, icarl)."""
+
+    temperature: float = Field(2.0, gt=0)
+    image_loss: bool = True
+    text_loss: bool = True
+    label_smoothing: float = Field(0.2, ge=0, lt=1, description="of the cross-entropy (ZSCL's --ls)")
 
 
 class Method:

@@ -108,12 +108,7 @@ class DIKI(Method):
 
     name = "diki"
     Config = DIKIConfig
-    caps = Capabilities(backbones=("open_clip",), export=False)
-
-    def check(self):
-        if not self.model.head.zero_shot:
-            raise ConfigError("method 'diki' prompts CLIP's image and text encoders: it needs head.kind: text "
-                              "with an open_clip backbone")
+    caps = Capabilities(backbones=("open_clip",), export=False, text_head=True)
 
     def setup(self):
         if dist.world_size() > 1:

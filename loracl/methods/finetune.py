@@ -7,9 +7,8 @@
 
 from __future__ import annotations
 
-from ..errors import ConfigError
 from . import register
-from .base import Method
+from .base import Capabilities, Method
 
 
 @register
@@ -17,11 +16,7 @@ class ZeroShot(Method):
     """Zero-shot CLIP: no training (the pretrained model on every task)."""
 
     name = "zeroshot"
-
-    def check(self):
-        if not self.model.head.zero_shot:
-            raise ConfigError("method 'zeroshot' needs a head that scores classes from their names "
-                              "(head.kind: text, with an open_clip backbone)")
+    caps = Capabilities(text_head=True)
 
     def begin_task(self, task):
         self.add_task_classes(task)

@@ -33,21 +33,15 @@ from .. import dist
 from ..cl.distill import clip_distillation, frozen_copy
 from ..cl.herding import herding_order, keep_herded
 from ..cl.memory import EpisodicMemory
-from ..config import MethodConfig
-from ..errors import ConfigError
 from ..models.heads import prompt_embeddings
 from . import register
-from .base import Capabilities, Method
+from .base import Capabilities, DistillOptions, Method
 
 
-class ICaRLConfig(MethodConfig):
+class ICaRLConfig(DistillOptions):
     memory_size: int = Field(10000, ge=0, description="exemplar images kept over all tasks (ZSCL's --memory_size)")
     exemplar_batch: int | None = Field(None, ge=1, description="exemplars per step (None: the batch size)")
     reference: Literal["previous", "zeroshot"] = Field("previous", description="the distillation's teacher")
-    temperature: float = Field(2.0, gt=0)
-    image_loss: bool = True
-    text_loss: bool = True
-    label_smoothing: float = Field(0.2, ge=0, lt=1, description="of the cross-entropy (ZSCL's --ls)")
 
 
 @register
@@ -56,12 +50,7 @@ class ICaRL(Method):
 
     name = "icarl"
     Config = ICaRLConfig
-    caps = Capabilities(backbones=("open_clip",))
-
-    def check(self):
-        if not self.model.head.zero_shot:
-            raise ConfigError("method 'icarl' distils CLIP's image-text scores: it needs head.kind: text "
-                              "with an open_clip backbone")
+    caps = Capabilities(backbones=("open_clip",), text_head=True)
 
     def setup(self):
         self.memory = EpisodicMemory(self.run.scenario.tasks)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..cl.drs import ProjectedUpdates, augmented_triplet_loss, drift_resistant_projector, shifted_weights
-from ..cl.statistics import class_feature_statistics, forward_until, layer_input_moments, ncm_logits
+from ..cl.statistics import class_feature_statistics, forward_until, layer_input_moments, prototype_logits
 from ..errors import ConfigError, LoraclError
 from ..models.lora import task_tag
 from . import register
@@ -133,15 +133,8 @@ class LoRADRS(Method):
     def logits(self, x, class_ids):
         """Cosine to the stored prototypes; classes without one yet score -inf."""
         ids, protos = self.prototypes()
-        known = torch.isin(class_ids, ids)
-        if not known.any():
-            return super().logits(x, class_ids)
-        out = ncm_logits(self.model.features(x), protos[self.run.classes.columns(class_ids[known], ids)])
-        if known.all():
-            return out
-        full = out.new_full((len(out), len(class_ids)), float("-inf"))
-        full[:, known] = out
-        return full
+        out = prototype_logits(lambda: self.model.features(x), class_ids, ids, protos, self.run.classes.columns)
+        return super().logits(x, class_ids) if out is None else out
 
     def state_dict(self):
         return {"prev": [p.cpu() for p in self.prev], "ids": self.ids, "means": self.means}

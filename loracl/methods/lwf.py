@@ -17,21 +17,11 @@ over each process's share of the batch.
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 
 from ..cl.distill import clip_distillation, frozen_copy
-from ..config import MethodConfig
-from ..errors import ConfigError
 from ..models.heads import prompt_embeddings
 from . import register
-from .base import Capabilities, Method
-
-
-class LwFConfig(MethodConfig):
-    temperature: float = Field(2.0, gt=0)
-    image_loss: bool = True
-    text_loss: bool = True
-    label_smoothing: float = Field(0.2, ge=0, lt=1, description="of the cross-entropy (ZSCL's --ls)")
+from .base import Capabilities, DistillOptions, Method
 
 
 @register
@@ -39,13 +29,8 @@ class LwF(Method):
     """LwF (ZSCL's recipe): full fine-tuning of CLIP, distilled towards the model at the task's start."""
 
     name = "lwf"
-    Config = LwFConfig
-    caps = Capabilities(backbones=("open_clip",))
-
-    def check(self):
-        if not self.model.head.zero_shot:
-            raise ConfigError("method 'lwf' distils CLIP's image-text scores: it needs head.kind: text "
-                              "with an open_clip backbone")
+    Config = DistillOptions
+    caps = Capabilities(backbones=("open_clip",), text_head=True)
 
     def begin_task(self, task):
         self.add_task_classes(task)

@@ -78,11 +78,9 @@ class MoEAdapters(Method):
 
     name = "moe-adapters"
     Config = MoEAdaptersConfig
-    caps = Capabilities(backbones=("open_clip",), export=False)  # its predictor routes per image at test
+    caps = Capabilities(backbones=("open_clip",), export=False, text_head=True)  # routes per image at test
 
     def check(self):
-        if not self.model.head.zero_shot:
-            raise ConfigError("method 'moe-adapters' needs CLIP's zero-shot head (head.kind: text, open_clip)")
         if self.cfg.top_k > self.cfg.experts:
             raise ConfigError(f"method.top_k ({self.cfg.top_k}) exceeds method.experts ({self.cfg.experts})")
 

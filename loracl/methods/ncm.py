@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cl.statistics import class_feature_statistics, ncm_logits
+from ..cl.statistics import class_feature_statistics, prototype_logits
 from . import register
 from .base import Capabilities, Method
 
@@ -64,15 +64,8 @@ class NCM(Method):
         text head knows every dataset's classes before its task), the model's own head scores them: the
         zero-shot row, which MTIL's Transfer measures."""
         ids, protos = self.prototypes()
-        known = torch.isin(class_ids, ids)
-        if not known.any():
-            return super().logits(x, class_ids)
-        out = ncm_logits(self.model.features(x), protos[self.run.classes.columns(class_ids[known], ids)])
-        if known.all():
-            return out
-        full = out.new_full((len(out), len(class_ids)), float("-inf"))
-        full[:, known] = out
-        return full
+        out = prototype_logits(lambda: self.model.features(x), class_ids, ids, protos, self.run.classes.columns)
+        return super().logits(x, class_ids) if out is None else out
 
     def state_dict(self):
         return {"ids": self.ids, "sums": self.sums, "counts": self.counts}

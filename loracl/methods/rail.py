@@ -24,7 +24,6 @@ import torch
 from pydantic import Field
 
 from ..config import MethodConfig
-from ..errors import ConfigError
 from . import register
 from .base import Capabilities
 from .ranpac import RidgeHeadMethod
@@ -42,13 +41,9 @@ class RAIL(RidgeHeadMethod):
 
     name = "rail"
     Config = RAILConfig
-    caps = Capabilities(backbones=("open_clip",), export=False)  # its classifier is the adapter, fused at test
+    caps = Capabilities(backbones=("open_clip",), export=False, text_head=True)  # classifier: the adapter, fused at test
     init = "uniform"
     normalize = True
-
-    def check(self):
-        if not self.model.head.zero_shot:
-            raise ConfigError("method 'rail' needs CLIP's zero-shot head (head.kind: text, an open_clip backbone)")
 
     def begin_task(self, task):
         self.add_task_classes(task)

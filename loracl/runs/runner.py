@@ -102,6 +102,9 @@ class Runner:
         if cfg.backbone.kind not in caps.backbones:
             raise ConfigError(f"method '{name}' runs on {' / '.join(caps.backbones)} backbones, not "
                               f"{cfg.backbone.kind} (backbone.kind)")
+        if caps.text_head and cfg.head.kind != "text":
+            raise ConfigError(f"method '{name}' scores classes against CLIP's text embeddings: it needs head.kind: "
+                              f"text with an open_clip backbone, not head.kind: {cfg.head.kind}")
         epochs = cfg.train.epochs
         if isinstance(epochs, list) and len(epochs) < len(self.scenario):
             raise ConfigError(f"train.epochs lists {len(epochs)} entries but {cfg.benchmark.name} has "
