@@ -51,6 +51,11 @@ def tiny_clip():
     return create_backbone(BackboneConfig(kind="open_clip", name="loracl-tiny-clip", pretrained=False)).eval()
 
 
+# the tiny random CLIP (no weights file) with the text head: `--set`s a CLIP test adds its datasets to
+TINY_CLIP = ["backbone.kind=open_clip", "backbone.name=loracl-tiny-clip", "backbone.pretrained=false",
+             "backbone.file=null", "backbone.kwargs={}", "backbone.cfg_overlay={}", "head.kind=text"]
+
+
 def smoke_sets(**extra) -> list[str]:
     """--set overrides that make a preset run in seconds (tiny subsets, one short epoch)."""
     base = {"train.epochs": 1, "train.max_steps_per_epoch": 3, "eval.max_per_task": 40, "data.batch_size": 16,

@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import smoke_sets
+from conftest import TINY_CLIP, smoke_sets
 from loracl.cl.distill import clip_distillation, interpolate_, soft_cross_entropy
 from loracl.engine import Batch
 from loracl.runs.assembly import load_config
 from loracl.runs.runner import Runner
 
-CLIP = ["backbone.kind=open_clip", "backbone.name=loracl-tiny-clip", "backbone.pretrained=false",
-        "backbone.file=null", "backbone.kwargs={}", "backbone.cfg_overlay={}", "head.kind=text",
+CLIP = TINY_CLIP + [
         "benchmark.datasets=[{name: cifar10, root: '{data_root}/cifar10', classes: [0, 1, 2, 3], "
         "max_per_class: {train: 4, test: 3}}, {name: mnist, root: '{data_root}/mnist', classes: [0, 1, 2, 3], "
         "max_per_class: {train: 4, test: 3}}]"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DATA, smoke_sets
+from conftest import DATA, TINY_CLIP, smoke_sets
 from loracl.runs.assembly import load_config
 from loracl.errors import ConfigError
 from loracl.methods.keeplora import ClassMeans, residual_factors
@@ -15,8 +15,7 @@ from loracl.runs.runner import Runner
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-CLIP = ["backbone.kind=open_clip", "backbone.name=loracl-tiny-clip", "backbone.pretrained=false",
-        "backbone.file=null", "backbone.kwargs={}", "backbone.cfg_overlay={}", "head.kind=text"]
+CLIP = TINY_CLIP
 
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import smoke_sets
+from conftest import TINY_CLIP, smoke_sets
 from loracl.models.moe import ExpertMixture, cv_squared, noisy_top_k
 from loracl.runs.assembly import load_config
 from loracl.runs.runner import Runner
@@ -83,8 +83,7 @@ def test_mixture_runs_each_expert_on_its_samples_only():
 
 
 # ---- a tiny run on real data: a random tiny CLIP, two datasets ----------------------------------------------
-CLIP = ["backbone.kind=open_clip", "backbone.name=loracl-tiny-clip", "backbone.pretrained=false",
-        "backbone.file=null", "backbone.kwargs={}", "backbone.cfg_overlay={}", "head.kind=text",
+CLIP = TINY_CLIP + [
         "benchmark.datasets=[{name: cifar10, root: '{data_root}/cifar10', classes: [0, 1, 2, 3], "
         "max_per_class: {train: 8, test: 4}}, {name: mnist, root: '{data_root}/mnist', classes: [0, 1, 2, 3], "
         "max_per_class: {train: 8, test: 4}}]",

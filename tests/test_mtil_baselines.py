@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import smoke_sets
+from conftest import TINY_CLIP, smoke_sets
 from loracl.runs.assembly import load_config
 from loracl.errors import ConfigError
 from loracl.runs.runner import Runner
 
-CLIP = ["backbone.kind=open_clip", "backbone.name=loracl-tiny-clip", "backbone.pretrained=false",
-        "backbone.file=null", "backbone.kwargs={}", "backbone.cfg_overlay={}", "head.kind=text"]
+CLIP = TINY_CLIP
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared, pytest.mark.usefixtures("one_thread")]
 

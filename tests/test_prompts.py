@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import interrupted_at_step_checkpoint, smoke_sets
+from conftest import TINY_CLIP, interrupted_at_step_checkpoint, smoke_sets
 from loracl.runs.statefile import digests, load
 from loracl.cli import main
 from loracl.runs.assembly import load_config
@@ -263,8 +263,7 @@ def test_dualprompt_trains_its_task_prompt_and_picks_top1_at_test(tmp_path):
                                          ("dualprompt", ["method.g_blocks=[0]", "method.e_blocks=[1]"]),
                                          ("coda-prompt", ["method.blocks=[0, 1]", "method.pool=10"])])
 def test_clip_image_encoder_prompted_text_head(tmp_path, method, sets):
-    clip = ["backbone.kind=open_clip", "backbone.name=loracl-tiny-clip", "backbone.pretrained=false",
-            "backbone.file=null", "backbone.kwargs={}", "backbone.cfg_overlay={}", "head.kind=text"]
+    clip = TINY_CLIP
     cfg = load_config(preset="mini-mtil", method=method, sets=smoke_sets(**{"eval.max_per_task": 10,
                                                                             "train.max_steps_per_epoch": 2}) + clip + sets)
     r = Runner(cfg, tmp_path, progress=False, log=lambda *a, **k: None)

@@ -5,7 +5,7 @@ last task is the ridge solution on every task's features; RAIL's Transfer is zer
 import numpy as np
 import pytest
 import torch
-from conftest import smoke_sets
+from conftest import TINY_CLIP, smoke_sets
 
 from loracl.cl.ridge import RidgeStatistics, random_projection, ridge_path, select_ridge
 from loracl.methods.ranpac import task_features
@@ -151,8 +151,7 @@ def test_ranpac_head_is_the_ridge_solution_on_every_task(tmp_path, one_thread):
 @pytest.mark.shared
 @pytest.mark.slow
 def test_rail_transfer_is_zero_shot(tmp_path, one_thread):
-    clip = ["backbone.kind=open_clip", "backbone.name=loracl-tiny-clip", "backbone.pretrained=false",
-            "backbone.file=null", "backbone.kwargs={}", "backbone.cfg_overlay={}", "head.kind=text",
+    clip = TINY_CLIP + [
             "benchmark.datasets=[{name: cifar10, root: '{data_root}/cifar10', classes: [0, 1, 2, 3]}, "
             "{name: mnist, root: '{data_root}/mnist', classes: [0, 1, 2, 3]}, "
             "{name: cifar100, root: '{data_root}/cifar100', classes: [0, 1, 2, 3]}]"]
