@@ -13,6 +13,8 @@ Selection policies:
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import torch
 
@@ -55,6 +57,11 @@ class EpisodicMemory:
         self.rows = np.zeros(0, dtype=np.int64)
         self.candidates: dict[tuple[int, int], np.ndarray] = {}  # (task, class) -> rows, seeded order
         self.stream_seen = 0  # reservoir: samples of the stream offered so far
+
+    @classmethod
+    def over(cls, images: ImageSet) -> "EpisodicMemory":
+        """A memory over one image set that is not a task of the scenario (a reference set), to draw batches from."""
+        return cls([SimpleNamespace(train=images)])
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -67,11 +67,6 @@ class MoEAdaptersConfig(MethodConfig):
     ae_batch: int = Field(64, ge=1)
 
 
-class _ReferenceTask:  # the reference images as the one "task" of an episodic memory, to draw batches from
-    def __init__(self, images):
-        self.train = images
-
-
 @register
 class MoEAdapters(Method):
     """MoE-Adapters: routed adapter experts per task, activate-freeze, autoencoders send unseen data to zero-shot."""
@@ -184,7 +179,7 @@ class MoEAdapters(Method):
         self.run.log(f"moe-adapters: DDAS slot {slot}: reconstruction error {float(last):.4f} after {steps} steps")
 
     def _train_reference(self) -> None:
-        refs = EpisodicMemory([_ReferenceTask(load_dataset(self.cfg.reference).train)])
+        refs = EpisodicMemory.over(load_dataset(self.cfg.reference).train)
         n, b = len(refs.pool), self.cfg.ae_batch
 
         def draw(step, gen):

@@ -49,11 +49,6 @@ class ZSCLConfig(MethodConfig):
     label_smoothing: float = Field(0.2, ge=0, lt=1)
 
 
-class _ReferenceTask:  # the reference images as the one "task" of an episodic memory, to draw batches from
-    def __init__(self, images):
-        self.train = images
-
-
 @register
 class ZSCL(Method):
     """ZSCL: full fine-tuning of CLIP distilled towards zero-shot CLIP on reference images and sentences."""
@@ -69,7 +64,7 @@ class ZSCL(Method):
                                   "the presets mini-mtil, mini-mtil-clip and _mtil set it)")
 
     def setup(self):
-        self.refs = EpisodicMemory([_ReferenceTask(load_dataset(self.cfg.reference).train)])
+        self.refs = EpisodicMemory.over(load_dataset(self.cfg.reference).train)
         self.reference = frozen_copy(self.model.backbone)  # zero-shot CLIP, before anything trains
         sentences = reference_sentences(self.cfg.ref_sentences)
         with torch.no_grad():
