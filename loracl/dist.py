@@ -61,6 +61,49 @@ def all_reduce_min_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def batch_offset(n: int, device: torch.device | str = "cpu") -> tuple[int, int]:
+    """Where this process's n rows start in the global batch (the processes' rows in rank order), and its size;
+    `device`: where the backend exchanges tensors (CUDA under NCCL)."""
+    if not is_dist():
+        return 0, n
+    sizes = [torch.zeros((), dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor(n, device=device))
+    return int(sum(sizes[:rank()])), int(sum(sizes))
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """All-reduce (sum) whose backward sums the gradients too: every process holds the same total and computes the
+    same loss from it, so each of its inputs gets the sum of the processes' (equal) gradients, world-size times the
+    one-process gradient, which DDP's averaging turns back into it."""
+
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g, op=dist.ReduceOp.SUM)
+        return g
+
+
+def sum_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """The sum of `t` over processes, differentiable (a batch statistic of the global batch inside a loss)."""
+    return _SumOverProcesses.apply(t) if is_dist() else t
+
+
+def cat_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of `t` in rank order (the global batch), differentiable: a loss that couples the rows
+    of a batch (a softmax over images) sees under torchrun what it sees in one process."""
+    if not is_dist():
+        return t
+    lo, total = batch_offset(len(t), t.device)
+    pad = t.shape[1:]
+    return sum_with_grad(torch.cat([t.new_zeros(lo, *pad), t, t.new_zeros(total - lo - len(t), *pad)]))
+
+
 def broadcast_(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_dist():
         dist.broadcast(t, src)

@@ -6,7 +6,8 @@ builds its rows from (Thunderbeee/ZSCL `mtil/src/models/finetune.py`; BASELINES.
   the loss is the soft cross-entropy CE(s / T, softmax(t / T)) * T^2 (its gradient is KL(t || s)'s), image side
   (each image over the texts) plus text side (the same logits transposed: each text over the images). LwF uses
   it with the previous task's model as reference and the current dataset as reference set; ZSCL with zero-shot
-  CLIP and a separate reference set.
+  CLIP and a separate reference set. Under torchrun both terms are taken over the global batch (the processes'
+  features gathered, with gradient): the text side's softmax runs over every process's images, as in one process.
 - `interpolate_`: theta <- alpha theta + (1 - alpha) theta_ref in place (WiSE-FT).
 - `frozen_copy`: the reference model, a copy in eval mode with no gradients.
 """
@@ -17,6 +18,8 @@ import copy
 
 import torch
 import torch.nn.functional as F
+
+from .. import dist
 
 
 def soft_cross_entropy(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -30,6 +33,7 @@ def clip_distillation(student_feats: torch.Tensor, teacher_feats: torch.Tensor, 
                       temperature: float = 2.0, image: bool = True, text_side: bool = True) -> torch.Tensor:
     """The image-side and text-side distillation terms on one batch of reference images; `text` holds unit text
     embeddings (rows), `scale` the trained model's logit scale (exp'ed)."""
+    student_feats, teacher_feats = dist.cat_with_grad(student_feats), dist.cat_with_grad(teacher_feats)
     s = scale * F.normalize(student_feats.float(), dim=-1) @ text.t()
     with torch.no_grad():
         t = scale * F.normalize(teacher_feats.float(), dim=-1) @ text.t()

@@ -22,8 +22,9 @@ class FlopMeter:
         self.by_phase: dict[str, float] = defaultdict(float)
         self.per_sample: dict[str, float] = {}
 
-    def step(self, phase: str, batch_size: int, fn):
-        """Run `fn()` (one step of `phase` on `batch_size` samples), counting its FLOPs; returns fn's result."""
+    def step(self, phase: str, batch_size: int, fn, replicated: bool = False):
+        """Run `fn()` (one step of `phase` on `batch_size` samples), counting its FLOPs; returns fn's result.
+        The step is this process's share of a global batch (counted once per process) unless `replicated`."""
         key = f"{phase}|{batch_size}"
         if key not in self.per_sample:
             with FlopCounterMode(display=False) as fc:
@@ -31,7 +32,7 @@ class FlopMeter:
             self.per_sample[key] = fc.get_total_flops() / max(batch_size, 1)
         else:
             out = fn()
-        self.by_phase[phase] += self.per_sample[key] * batch_size * dist.world_size()
+        self.by_phase[phase] += self.per_sample[key] * batch_size * (1 if replicated else dist.world_size())
         return out
 
     def new_phase(self, phase: str) -> None:

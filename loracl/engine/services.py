@@ -75,11 +75,12 @@ class Cost:
         """Add the seconds of the block to `phase`."""
         return self._record.timed(phase)
 
-    def counted(self, phase: str, batch_size: int, fn):
+    def counted(self, phase: str, batch_size: int, fn, replicated: bool = False):
         """Run fn() under the run's precision as one step of `phase` on `batch_size` samples, its FLOPs counted;
-        returns fn's result."""
+        returns fn's result. `replicated`: under torchrun every process runs this same step (not a share of a
+        global batch), so it counts once, not once per process."""
         with self._precision.context():
-            return self._record.flops.step(phase, batch_size, fn)
+            return self._record.flops.step(phase, batch_size, fn, replicated)
 
     def recount(self, phase: str) -> None:
         """The steps of `phase` change cost from now on (a replay batch grew): count anew."""

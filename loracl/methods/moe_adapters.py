@@ -85,7 +85,7 @@ class MoEAdapters(Method):
                        "text": getattr(clip.transformer, "batch_first", True)}
         for s in self.model.inject_lora(LoRAOptions(targets=["mlp"])).sites:
             s.add(ExpertMixture(s.d_in, c.experts, c.width, c.scale, c.dropout, tasks, c.top_k,
-                                batch_first[s.encoder]), TAG)
+                                batch_first[s.encoder], split=s.encoder == "image"), TAG)
         self.bank = self.model.own("ddas", AutoencoderBank(self.model.backbone.feature_dim, tasks + 1, c.ae_code))
         self._counts = None
 
@@ -171,7 +171,7 @@ class MoEAdapters(Method):
                 opt.step()
                 return loss.detach()
 
-            last = self.run.cost.counted("ddas", len(feats), one_step)
+            last = self.run.cost.counted("ddas", len(feats), one_step, replicated=True)  # alike in every process
         for p in params:
             p.requires_grad_(False)
         self.bank.trained[slot] = True
@@ -185,7 +185,8 @@ class MoEAdapters(Method):
         def draw(step, gen):
             rows = torch.randint(n, (b,), generator=gen).numpy()
             x = self.run.memory_batch(refs, rows).x
-            return self.run.cost.counted("ddas-features", b, lambda: self.zero_shot_features(x).detach())
+            return self.run.cost.counted("ddas-features", b, lambda: self.zero_shot_features(x).detach(),
+                                         replicated=True)
 
         self._fit_autoencoder(0, self.cfg.ref_steps, n // b, draw)
 

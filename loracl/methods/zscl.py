@@ -55,7 +55,7 @@ class ZSCL(Method):
 
     name = "zscl"
     Config = ZSCLConfig
-    caps = Capabilities(backbones=("open_clip",), text_head=True)
+    caps = Capabilities(backbones=("open_clip",), text_head=True, all_params_every_step=True)  # all of CLIP trains
 
     def check(self):
         for key in ("reference", "ref_sentences"):

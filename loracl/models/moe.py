@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import dist
 from .branches import Adapter, branch_kind
 
 
@@ -30,13 +31,17 @@ def cv_squared(v: torch.Tensor) -> torch.Tensor:
 
 
 def noisy_top_k(h: torch.Tensor, w_gate: torch.Tensor, w_noise: torch.Tensor, k: int, noisy: bool,
-                noise_eps: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gates (n x E, k non-zero per row, summing to 1) and the load per expert (differentiable when noisy)."""
+                noise_eps: float = 1e-2, split: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gates (n x E, k non-zero per row, summing to 1) and the load per expert (differentiable when noisy).
+    `split`: h is this process's share of a global batch; the noise is drawn for the global batch (every
+    process draws it alike) and this share's rows are taken, as one process would draw them."""
     clean = h @ w_gate.to(h)
     n_exp = clean.shape[1]
     if noisy:
         std = F.softplus(h @ w_noise.to(h)) + noise_eps
-        logits = clean + torch.randn_like(clean) * std
+        lo, total = dist.batch_offset(len(h), h.device) if split else (0, len(h))
+        noise = torch.randn(total, n_exp, device=h.device, dtype=clean.dtype)[lo:lo + len(h)]
+        logits = clean + noise * std
     else:
         logits = clean
     top, idx = logits.topk(min(k + 1, n_exp), dim=1)
@@ -57,12 +62,14 @@ class ExpertMixture(nn.Module):
     """`experts` parallel adapters (AdaptFormer, with dropout) and one noisy top-k router per task. `route`
     (a buffer, so that a change is seen by the text head's cache) names the router in use; `learning` the one
     that trains; `frozen` the experts that no longer train. While training it counts how often each expert is
-    chosen (`counts`, not a buffer: the method sums it over processes) and keeps the balance loss (`aux`)."""
+    chosen (`counts`, not a buffer: the method sums it over processes) and keeps the balance loss (`aux`).
+    `split`: its inputs are shares of a global batch under torchrun (the image encoder's, not the class prompts'
+    that every process encodes whole): the gate noise and the balance loss's sums are the global batch's."""
 
     kind = "moe"
 
     def __init__(self, d: int, experts: int, width: int, scale: float, dropout: float, routers: int, top_k: int,
-                 batch_first: bool = True, frozen=(), learning: int = 0):
+                 batch_first: bool = True, frozen=(), learning: int = 0, split: bool = False):
         super().__init__()
         self.experts = nn.ModuleList(Adapter(d, d, width, scale, dropout=dropout) for _ in range(experts))
         for e in self.experts:  # the official init: down kaiming-uniform (nn.Linear's), biases zero, up zero
@@ -70,7 +77,7 @@ class ExpertMixture(nn.Module):
         self.w_gate = nn.ParameterList(nn.Parameter(torch.zeros(d, experts)) for _ in range(routers))
         self.w_noise = nn.ParameterList(nn.Parameter(torch.zeros(d, experts)) for _ in range(routers))
         self.register_buffer("route", torch.tensor(int(learning)))
-        self.top_k, self.batch_first = int(top_k), bool(batch_first)
+        self.top_k, self.batch_first, self.split = int(top_k), bool(batch_first), bool(split)
         self.frozen, self.learning = sorted(int(e) for e in frozen), int(learning)
         self.counts = torch.zeros(experts, dtype=torch.float64)
         self.aux: list[torch.Tensor] = []
@@ -86,9 +93,13 @@ class ExpertMixture(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xs = x if self.batch_first else x.transpose(0, 1)  # samples first
         t = int(self.route)
-        gates, load = noisy_top_k(xs[:, 0], self.w_gate[t], self.w_noise[t], self.top_k, self.training)
+        gates, load = noisy_top_k(xs[:, 0], self.w_gate[t], self.w_noise[t], self.top_k, self.training,
+                                  split=self.split)
         if self.training and torch.is_grad_enabled():
-            self.aux.append(cv_squared(gates.sum(0)) + cv_squared(load))
+            importance = gates.sum(0)
+            if self.split:  # the global batch's statistics, as one process has them
+                importance, load = dist.sum_with_grad(torch.stack([importance, load.to(importance)])).unbind(0)
+            self.aux.append(cv_squared(importance) + cv_squared(load))
             self.counts += (gates > 0).sum(0).to(self.counts)
         out = torch.zeros_like(xs)
         for e in torch.nonzero(gates.sum(0)).flatten().tolist():
@@ -124,12 +135,12 @@ class ExpertMixture(nn.Module):
         return {"kind": self.kind, "d": ex.down.in_features, "experts": len(self.experts),
                 "width": ex.down.out_features, "scale": ex.scale, "dropout": ex.dropout, "routers": len(self.w_gate),
                 "top_k": self.top_k, "batch_first": self.batch_first, "frozen": list(self.frozen),
-                "learning": self.learning}
+                "learning": self.learning, "split": self.split}
 
     @classmethod
     def from_spec(cls, sp: dict, shared=None) -> "ExpertMixture":
         return cls(sp["d"], sp["experts"], sp["width"], sp["scale"], sp["dropout"], sp["routers"], sp["top_k"],
-                   sp["batch_first"], sp["frozen"], sp["learning"])
+                   sp["batch_first"], sp["frozen"], sp["learning"], sp.get("split", False))
 
 
 class AutoencoderBank(nn.Module):
