@@ -159,3 +159,24 @@ def test_domainnet_loader(tmp_path):
     assert np.array_equal(ds.train.targets, [0, 1, 2, 0, 1, 2])
     assert all(ds.train.image(i).size == (32, 32) for i in range(len(ds.train)))
     assert "sketch" in ds.test.describe(1)
+
+
+@pytest.mark.parametrize("preset,method,want", [
+    ("inflora-cifar100", "lora-drs", {"epochs": 20, "lr": 0.0005, "head_lr": 0.002, "lam": 0.05, "batch": 128}),
+    ("inflora-imagenet-r-10", "lora-drs", {"epochs": [40] + [50] * 9, "lr": 0.0005, "head_lr": None, "lam": 0.2,
+                                           "batch": 128}),
+    ("inflora-cifar100", "hide-prompt", {"epochs": 50, "lr": 0.03 * 24 / 256, "head_lr": 0.003 * 24 / 256,
+                                         "length": 5, "batch": 24, "schedule": "step"}),
+    ("inflora-imagenet-r-20", "hide-prompt", {"epochs": 150, "lr": 0.03 * 24 / 256, "head_lr": 0.003 * 24 / 256,
+                                              "length": 20, "batch": 24, "schedule": "cosine-epoch"})])
+def test_paper_settings_of_the_2025_rows(preset, method, want, tmp_path):
+    cfg = load_config(preset=preset, method=method, sets=[f"data_root={tmp_path}"])
+    t = cfg.train
+    assert cfg.method.name == method and t.epochs == want["epochs"] and cfg.data.batch_size == want["batch"]
+    assert t.optimizer.lr == pytest.approx(want["lr"])
+    assert t.optimizer.head_lr == (None if want["head_lr"] is None else pytest.approx(want["head_lr"]))
+    if method == "lora-drs":
+        assert (cfg.method.rank, cfg.method.targets, cfg.method.lam) == (10, ["k", "v"], want["lam"])
+        assert t.schedule.name == "inflora-cosine"
+    else:
+        assert cfg.method.length == want["length"] and t.grad_clip == 1.0 and t.schedule.name == want["schedule"]
