@@ -15,6 +15,11 @@ pooled features are computed once per view (the image and its mirror), so one CP
 pass instead of a ViT backward. `--unlock-epochs N` then trains every weight for N more epochs with crop
 and flip augmentation (meant for a GPU). `--init-image none` starts the image tower from random weights.
 
+Resumable: after every epoch the weights, optimiser, schedule and batch generator go to `OUT/.resume` (`--work`),
+with the locked phase's image features; the same command continues a stopped or killed run from its last finished
+epoch and draws the batches an uninterrupted run draws. `--stop-after N` stops after N epochs (a session's
+share of a long run). The folder is removed once the card is written.
+
 Captions come from `wordnet.tsv`: the class's lemmas in photo templates, its nearest hypernyms ("a bullfrog,
 a kind of frog.", "a photo of a frog."), and its gloss. The loss is InfoNCE with a learned temperature, both
 directions; every caption of the same class in the batch counts as a positive (200 classes make same-class
@@ -30,6 +35,7 @@ import json
 import math
 import random
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -206,15 +212,82 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, logit_
                   + torch.sum(-target * F.log_softmax(logits.T, 1), 1).mean())
 
 
-def train(model, x, y, tokens, caps_per_class, args, device) -> dict:
+# the arguments a resumed run must share with the run that wrote the resume state
+RECIPE_ARGS = ("init_image", "epochs", "views", "unlock_epochs", "batch", "lr", "unlock_lr", "wd", "seed", "limit")
+
+
+class Stopped(Exception):
+    """`--stop-after` epochs were trained in this invocation; the resume state is on disk."""
+
+
+class ResumeState:
+    """What a stopped or killed run continues from, in `work`: `features.pt` (the locked phase's image features)
+    and `state.pt` (after every epoch: the weights, optimiser, schedule and generator, the finished epochs),
+    each written to a temporary name and renamed, so a kill leaves the previous epoch's state whole."""
+
+    def __init__(self, work: Path | None, args):
+        self.work, self.recipe = work, {k: getattr(args, k) for k in RECIPE_ARGS}
+        self.state = None
+        if work is not None and (work / "state.pt").exists():
+            self.state = torch.load(work / "state.pt", weights_only=False)
+            differ = [f"--{k.replace('_', '-')} {v} there, {self.recipe.get(k)} here"
+                      for k, v in self.state["recipe"].items() if self.recipe.get(k) != v]
+            if differ:
+                raise SystemExit(f"{work / 'state.pt'} was written by a run with other settings ({'; '.join(differ)}):"
+                                 f" run with those settings to continue it, or remove {work} to start again")
+
+    def _save(self, obj, name: str) -> None:
+        if self.work is None:
+            return
+        self.work.mkdir(parents=True, exist_ok=True)
+        tmp = self.work / (name + ".tmp")
+        torch.save(obj, tmp)
+        tmp.replace(self.work / name)
+
+    def features(self, compute):
+        path = None if self.work is None else self.work / "features.pt"
+        if path is not None and path.exists():
+            log(f"image features from {path}")
+            return torch.load(path)
+        feats = compute()
+        self._save(feats, "features.pt")
+        return feats
+
+    def done(self, phase: str) -> int:
+        """Epochs of `phase` already trained (all of an earlier phase: it is finished)."""
+        if self.state is None:
+            return 0
+        return self.state["epochs"].get(phase, 0)
+
+    def save(self, model, phase, epochs_done: dict, opt, sched, gen, history) -> None:
+        self.state = {"recipe": self.recipe, "epochs": dict(epochs_done), "model": model.state_dict(),
+                      "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                      "history": list(history), "phase": phase}
+        self._save(self.state, "state.pt")
+
+
+def train(model, x, y, tokens, caps_per_class, args, device, work: Path | None = None,
+          stop_after: int | None = None) -> dict:
+    """Train as the recipe says; with `work`, resumable after every epoch (a run stopped or killed continues
+    where its last finished epoch left it, drawing the same batches); `stop_after`: stop (Stopped) after that
+    many epochs in this call."""
     n = len(y)
+    resume = ResumeState(work, args)
     gen = torch.Generator().manual_seed(args.seed)
     yt = torch.from_numpy(y)
     steps_per_epoch = n // args.batch
-    history = []
+    history, epochs_done, trained_here = [], {}, 0
+    if resume.state is not None:
+        st = resume.state
+        model.load_state_dict(st["model"])
+        gen.set_state(st["gen"])
+        history, epochs_done = list(st["history"]), dict(st["epochs"])
+        log(f"resuming from {work}: {', '.join(f'{k} {v} epochs' for k, v in epochs_done.items())} done")
 
     def run_phase(phase: str, epochs: int, params: list, lr: float, locked: bool, feats=None):
-        if epochs <= 0:
+        nonlocal trained_here
+        start = resume.done(phase)
+        if epochs <= 0 or start >= epochs:
             return
         decay = [p for p in params if p.ndim >= 2]
         other = [p for p in params if p.ndim < 2]
@@ -224,8 +297,14 @@ def train(model, x, y, tokens, caps_per_class, args, device) -> dict:
         warm = min(200, total // 10)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / (total - warm))))
-        t0, step = time.time(), 0
-        for ep in range(epochs):
+        if start:
+            opt.load_state_dict(resume.state["opt"])
+            sched.load_state_dict(resume.state["sched"])
+        before = next((h["seconds"] for h in reversed(history) if h["phase"] == phase), 0.0)
+        t0, step = time.time() - before, start * steps_per_epoch
+        for ep in range(start, epochs):
+            if stop_after is not None and trained_here >= stop_after:
+                raise Stopped()
             perm = torch.randperm(n, generator=gen)
             run_loss = 0.0
             for k in range(steps_per_epoch):
@@ -247,21 +326,30 @@ def train(model, x, y, tokens, caps_per_class, args, device) -> dict:
                 step += 1
                 run_loss += loss.item()
                 if not math.isfinite(loss.item()):
-                    raise SystemExit(f"loss is {loss.item()} at {phase} step {step}")
+                    raise SystemExit(f"loss is {loss.item()} at {phase} step {step}; the last finished epoch is "
+                                     f"in {work}" if work else f"loss is {loss.item()} at {phase} step {step}")
             ep_loss = run_loss / steps_per_epoch
             history.append({"phase": phase, "epoch": ep + 1, "loss": round(ep_loss, 4),
                             "temperature": round(1 / model.logit_scale.exp().item(), 4),
                             "seconds": round(time.time() - t0, 1)})
+            epochs_done[phase] = ep + 1
+            trained_here += 1
+            resume.save(model, phase, epochs_done, opt, sched, gen, history)
             log(f"{phase} epoch {ep + 1}/{epochs} loss {ep_loss:.4f} "
                 f"T {1 / model.logit_scale.exp().item():.4f} {time.time() - t0:.0f}s")
 
     text_params = [p for n_, p in model.named_parameters() if not n_.startswith("visual.")]
-    if args.epochs > 0:
-        t0 = time.time()
-        feats = torch.stack([pooled_features(model.visual, x, device, flip=f).cpu()
-                             for f in (False, True)[:args.views]])
-        log(f"image features of {n} images x {args.views} views in {time.time() - t0:.0f}s")
-        history.append({"phase": "features", "seconds": round(time.time() - t0, 1)})
+    if args.epochs > 0 and resume.done("locked") < args.epochs:
+        def compute():
+            t0 = time.time()
+            f = torch.stack([pooled_features(model.visual, x, device, flip=fl).cpu()
+                             for fl in (False, True)[:args.views]])
+            log(f"image features of {n} images x {args.views} views in {time.time() - t0:.0f}s")
+            if not any(h["phase"] == "features" for h in history):
+                history.append({"phase": "features", "seconds": round(time.time() - t0, 1)})
+            return f
+
+        feats = resume.features(compute)
         run_phase("locked", args.epochs, text_params + [model.visual.proj], args.lr, True, feats)
         del feats
     if args.unlock_epochs > 0:
@@ -364,6 +452,10 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(ROOT / "assets" / "clip-tin32"))
     p.add_argument("--limit", type=int, default=None, help="train on a random subset of this many images (smoke runs)")
+    p.add_argument("--work", default=None, help="resume state (default: OUT/.resume): a stopped or killed run "
+                                                "continues from its last finished epoch when run again")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (continue later with "
+                                                                "the same command)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -394,8 +486,14 @@ def main(argv=None):
     tokens = tokenizer([c for cs in caps for c in cs])
 
     t0 = time.time()
-    info = train(model, x, y, tokens, k, args, args.device)
-    train_s = time.time() - t0
+    work = Path(args.work) if args.work else out / ".resume"
+    try:
+        info = train(model, x, y, tokens, k, args, args.device, work, args.stop_after)
+    except Stopped:
+        log(f"stopped after {args.stop_after} epochs; the same command continues from {work}")
+        return
+    train_s = sum(h["seconds"] for h in info["history"] if h["phase"] == "features") + sum(
+        max((h["seconds"] for h in info["history"] if h["phase"] == ph), default=0) for ph in ("locked", "unlocked"))
     del x
 
     # stored in fp16 (half the file); everything below scores the weights as they are stored and loaded
@@ -455,6 +553,7 @@ def main(argv=None):
         f"# clip-tin32\n\nMade by `python {' '.join(['scripts/make_clip_fixture.py'] + sys.argv[1:])}` at git "
         f"commit {commit} in {card['seconds']['total']:.0f} s.\n\n"
         f"| file | md5 |\n|---|---|\n" + "".join(f"| {f.name} | `{md5(f)}` |\n" for f in (wfile, cfg_path)))
+    shutil.rmtree(work, ignore_errors=True)  # the card is written: nothing left to resume
     log(f"wrote {out}: {wfile.stat().st_size / 2**20:.1f} MiB; zero-shot TIN val "
         f"{100 * zs['tiny_imagenet_val']['top1']:.2f}%, handful {100 * h_acc:.1f}%")
 

@@ -90,3 +90,43 @@ def test_keeplora_keeps_the_zero_shot_logits_of_a_protected_task(tmp_path):
     moved_loose = (loose[1] - loose[0]).abs().max().item()
     assert moved_loose > 0.05  # task 1 did train both encoders
     assert moved_kept < 0.25 * moved_loose, (moved_kept, moved_loose)
+
+
+def test_fixture_script_resumes_to_the_same_weights(tmp_path):
+    """scripts/make_clip_fixture.py stopped after one epoch (and after two) and run again ends with the weights of
+    an uninterrupted run, through both phases; another recipe refuses to continue the state."""
+    import argparse
+    import importlib.util
+
+    import open_clip
+
+    spec = importlib.util.spec_from_file_location("make_clip_fixture", REPO / "scripts" / "make_clip_fixture.py")
+    mcf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mcf)
+    mcf.register_config(tmp_path / "cfg")
+    g = np.random.default_rng(0)
+    x = g.integers(0, 256, (192, 32, 32, 3), dtype=np.uint8)
+    y = np.repeat(np.arange(3), 64)
+    tokens = open_clip.get_tokenizer(mcf.NAME)([f"a photo of a thing {c} {k}." for c in range(3) for k in range(2)])
+    args = argparse.Namespace(init_image="none", epochs=2, views=2, unlock_epochs=1, batch=64, lr=2e-3,
+                              unlock_lr=2e-4, wd=0.05, seed=0, limit=None)
+
+    def model():
+        torch.manual_seed(0)
+        return open_clip.create_model(mcf.NAME)
+
+    whole = model()
+    mcf.train(whole, x, y, tokens, 2, args, "cpu")
+    work, parts = tmp_path / "resume", model()
+    for _ in range(2):  # one epoch per call: locked 1, then locked 2, then (below) the unlocked epoch
+        with pytest.raises(mcf.Stopped):
+            mcf.train(parts, x, y, tokens, 2, args, "cpu", work, stop_after=1)
+        parts = model()  # a new process: everything comes from the resume state
+    info = mcf.train(parts, x, y, tokens, 2, args, "cpu", work)
+    assert [h["phase"] for h in info["history"]] == ["features", "locked", "locked", "unlocked"]
+    a, b = whole.state_dict(), parts.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    args.lr = 1e-3
+    with pytest.raises(SystemExit, match="--lr 0.002 there, 0.001 here"):
+        mcf.train(model(), x, y, tokens, 2, args, "cpu", work)
