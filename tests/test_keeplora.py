@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from conftest import DATA, TINY_CLIP, smoke_sets
 from loracl.runs.assembly import load_config
 from loracl.errors import ConfigError
-from loracl.methods.keeplora import ClassMeans, residual_factors
+from loracl.cl.statistics import ClassMeans
+from loracl.cl.subspace import residual_factors
 from loracl.cl.subspace import energy_rank, gpm_extend, gpm_first, principal_basis, project_onto, psd_sqrt
 from loracl.runs.runner import Runner
 
@@ -226,7 +227,7 @@ def test_plus_class_means_from_the_gradient_pass_equal_a_separate_pass(tmp_path)
         r.services.forward_pass = lambda images, fn, **k: (passes.append(k["desc"]), orig(images, fn, **k))
         m.begin_task(task)
         assert ("keeplora+-class-means" in passes) != shared, passes
-        ref = ClassMeans(m, task)
+        ref = ClassMeans(m.run.classes, task.class_ids, r.model.backbone.feature_dim, r.model.device)
         orig(task.train, lambda b: ref.add(r.model.features(b.x), b.y), desc="reference")
         got = m.cosine.chunk_of(task.class_ids).weight.detach()
         want = ref.rows()

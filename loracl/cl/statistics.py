@@ -5,6 +5,8 @@
   of the whole data set whatever the batch size; across processes the sums are added before the division;
 - per-class feature means and covariances (classifier alignment's Gaussians, NCM's prototypes) and the cosine
   scoring of features against prototypes;
+- KeepLoRA's feature matrices: the MTIL code's running mean of per-batch token matrices (`BatchMeanFeatures`),
+  and per-class means of normalised features (`ClassMeans`);
 - per-class multi-centroid statistics (HiDe-Prompt's 'multi-centroid' storage): a seeded k-means of each class's
   features, and per cluster its mean and per-dimension variance.
 """
@@ -213,3 +215,53 @@ def multi_centroid_statistics(feats: torch.Tensor, y: torch.Tensor, class_ids, n
         return feats.new_zeros(0, d, dtype=torch.float64), feats.new_zeros(0, d, dtype=torch.float64), \
             torch.zeros(0, dtype=torch.long)
     return torch.stack(means), torch.stack(variances), torch.tensor(owner, dtype=torch.long)
+
+
+class BatchMeanFeatures:
+    """The MTIL code's feature matrix: the running mean of per-batch token matrices X_b^T (d x m), i.e.
+    sum_b X_b^T / N over batches of equal size m (a smaller last batch is dropped, as its drop_last loader
+    does). Its energy is concentrated on the mean token at each position, so eps_f keeps fewer directions
+    than on the full token matrix. Only F F^T (d x d) is needed: it has F's left singular vectors and
+    squared singular values."""
+
+    def __init__(self, d: int, device=None):
+        self.d, self.device = d, device
+        self.sum: torch.Tensor | None = None
+        self.m = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.sum is None:
+            self.sum, self.m = x.t().clone(), x.shape[0]
+        elif x.shape[0] == self.m:
+            self.sum += x.t()
+
+    def gram(self) -> torch.Tensor:
+        """F F^T. Under torchrun each process holds its contiguous share of every batch, i.e. a block of F's
+        columns (F = [F_0 | F_1 | ...]), so F F^T = sum over processes of F_p F_p^T."""
+        g = (self.sum @ self.sum.t() if self.sum is not None
+             else torch.zeros(self.d, self.d, device=self.device))
+        return dist.all_reduce_sum_(g)
+
+
+class ClassMeans:
+    """Per-class sums of the normalised features of a task's classes, summed over processes -> normalised means
+    (KeepLoRA+'s cosine head rows); `classes` is the run's class registry."""
+
+    def __init__(self, classes, class_ids, dim: int, device=None):
+        self.classes = classes
+        self.ids = classes.tensor(class_ids)
+        self.sums = torch.zeros(len(self.ids), dim, device=device, dtype=torch.float64)
+        self.counts = torch.zeros(len(self.ids), device=device, dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, feats: torch.Tensor, y: torch.Tensor) -> None:
+        k = self.classes.columns(y, self.ids)
+        self.sums.index_add_(0, k, F.normalize(feats.float(), dim=-1).double())
+        self.counts.index_add_(0, k, torch.ones_like(k, dtype=torch.float64))
+
+    def rows(self) -> torch.Tensor:
+        dist.all_reduce_sum_(self.sums)
+        dist.all_reduce_sum_(self.counts)
+        return F.normalize((self.sums / self.counts.clamp(min=1).unsqueeze(1)).float(), dim=-1)

@@ -209,6 +209,23 @@ def randomized_svd(A: torch.Tensor, rank: int, q: int | None = None, niter: int 
     return U[:, :rank], S[:rank], V[:, :rank]
 
 
+def residual_factors(G_hat: torch.Tensor, rank: int, free_dims: int | None = None, rtol: float = 1e-5):
+    """A (d_in x r, orthonormal) and B (r x d_out) with A B the rank-r approximation of G_hat, by randomised
+    SVD (q = 4r, 4 subspace iterations, as the official code). Directions with a singular value below
+    rtol * the largest carry no gradient: their U columns are round-off, possibly inside the protected space,
+    so they are dropped (the official code would keep and train them), as is anything beyond the free
+    dimensions. The rank can therefore be smaller than `rank`, and 0."""
+    if not torch.isfinite(G_hat).all():
+        raise FloatingPointError("non-finite gradient estimate in KeepLoRA's initialisation")
+    r = min(rank, min(G_hat.shape), free_dims if free_dims is not None else rank)
+    if r <= 0 or float(G_hat.abs().max()) == 0.0:
+        return G_hat.new_zeros(G_hat.shape[0], 0), G_hat.new_zeros(0, G_hat.shape[1])
+    U, S, V = randomized_svd(G_hat.float(), r, q=4 * rank)
+    keep = int((S > rtol * S[0]).sum())
+    U, S, V = U[:, :keep], S[:keep], V[:, :keep]
+    return U.contiguous(), (S[:, None] * V.t()).contiguous()
+
+
 def top_left_singular(C: torch.Tensor, r: int) -> torch.Tensor:
     U, _ = left_singular(C)
     return U[:, :r].contiguous()

@@ -31,18 +31,17 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from .. import dist
-from ..cl.statistics import forward_until, layer_input_moments, tapped
+from ..cl.statistics import BatchMeanFeatures, ClassMeans, forward_until, layer_input_moments, tapped
 from ..cl.subspace import (
     gpm_extend,
     gpm_first,
     principal_basis,
     project_out,
     psd_sqrt,
-    randomized_svd,
+    residual_factors,
 )
 from ..errors import ConfigError
 from ..models.heads import LinearHead
@@ -81,56 +80,6 @@ class KeepLoRAConfig(LoRAOptions):
         if not 0.0 < v <= 1.0:
             raise ValueError("eps_f must be in (0, 1]")
         return v
-
-
-class BatchMeanFeatures:
-    """The MTIL code's feature matrix: the running mean of per-batch token matrices X_b^T (d x m), i.e.
-    sum_b X_b^T / N over batches of equal size m (a smaller last batch is dropped, as its drop_last loader
-    does). Its energy is concentrated on the mean token at each position, so eps_f keeps fewer directions
-    than on the full token matrix. Only F F^T (d x d) is needed: it has F's left singular vectors and
-    squared singular values."""
-
-    def __init__(self, d: int, device=None):
-        self.d, self.device = d, device
-        self.sum: torch.Tensor | None = None
-        self.m = 0
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        if self.sum is None:
-            self.sum, self.m = x.t().clone(), x.shape[0]
-        elif x.shape[0] == self.m:
-            self.sum += x.t()
-
-    def gram(self) -> torch.Tensor:
-        """F F^T. Under torchrun each process holds its contiguous share of every batch, i.e. a block of F's
-        columns (F = [F_0 | F_1 | ...]), so F F^T = sum over processes of F_p F_p^T."""
-        g = (self.sum @ self.sum.t() if self.sum is not None
-             else torch.zeros(self.d, self.d, device=self.device))
-        return dist.all_reduce_sum_(g)
-
-
-class ClassMeans:
-    """Per-class sums of the normalised image features of a task, summed over processes -> normalised means."""
-
-    def __init__(self, method, task):
-        self.classes = method.run.classes
-        self.ids = self.classes.tensor(task.class_ids)
-        dim, dev = method.model.backbone.feature_dim, method.model.device
-        self.sums = torch.zeros(len(self.ids), dim, device=dev, dtype=torch.float64)
-        self.counts = torch.zeros(len(self.ids), device=dev, dtype=torch.float64)
-
-    @torch.no_grad()
-    def add(self, feats: torch.Tensor, y: torch.Tensor) -> None:
-        k = self.classes.columns(y, self.ids)
-        self.sums.index_add_(0, k, F.normalize(feats.float(), dim=-1).double())
-        self.counts.index_add_(0, k, torch.ones_like(k, dtype=torch.float64))
-
-    def rows(self) -> torch.Tensor:
-        dist.all_reduce_sum_(self.sums)
-        dist.all_reduce_sum_(self.counts)
-        return F.normalize((self.sums / self.counts.clamp(min=1).unsqueeze(1)).float(), dim=-1)
 
 
 @register
@@ -181,7 +130,8 @@ class KeepLoRA(Method):
     # ---- per task ------------------------------------------------------------------------------------
     def begin_task(self, task):
         self.add_task_classes(task)
-        means = ClassMeans(self, task) if self.cosine is not None else None
+        means = (ClassMeans(self.run.classes, task.class_ids, self.model.backbone.feature_dim, self.model.device)
+                 if self.cosine is not None else None)
         # KeepLoRA+'s class means need the features of the same function the gradient pass computes: when
         # that pass sees every training image, its forward gives them (one pass over the task instead of two)
         shared = means is not None and self.gradient_rows(task) is None
@@ -347,20 +297,3 @@ class KeepLoRA(Method):
     def load_state_dict(self, state):
         dev = self.model.device
         self.bases = {k: (None if v is None else v.to(dev)) for k, v in state["bases"].items()}
-
-
-def residual_factors(G_hat: torch.Tensor, rank: int, free_dims: int | None = None, rtol: float = 1e-5):
-    """A (d_in x r, orthonormal) and B (r x d_out) with A B the rank-r approximation of G_hat, by randomised
-    SVD (q = 4r, 4 subspace iterations, as the official code). Directions with a singular value below
-    rtol * the largest carry no gradient: their U columns are round-off, possibly inside the protected space,
-    so they are dropped (the official code would keep and train them), as is anything beyond the free
-    dimensions. The rank can therefore be smaller than `rank`, and 0."""
-    if not torch.isfinite(G_hat).all():
-        raise FloatingPointError("non-finite gradient estimate in KeepLoRA's initialisation")
-    r = min(rank, min(G_hat.shape), free_dims if free_dims is not None else rank)
-    if r <= 0 or float(G_hat.abs().max()) == 0.0:
-        return G_hat.new_zeros(G_hat.shape[0], 0), G_hat.new_zeros(0, G_hat.shape[1])
-    U, S, V = randomized_svd(G_hat.float(), r, q=4 * rank)
-    keep = int((S > rtol * S[0]).sum())
-    U, S, V = U[:, :keep], S[:keep], V[:, :keep]
-    return U.contiguous(), (S[:, None] * V.t()).contiguous()
