@@ -7,18 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from loracl.cl.statistics import class_feature_statistics
-from loracl.runs.assembly import load_config
-from loracl.runs.runner import Runner
+from finished_run import finished_runner
 
 torch.set_num_threads(1)
 d = Path(sys.argv[1])
-cfg = load_config(d / "config.yaml")
-cfg.eval.retention = None
-r = Runner(cfg, d, resume=True, progress=False, log=lambda *a, **k: None)
-start, _ = r.prepare()
-assert start == len(r.scenario), start
+r = finished_runner(d)
 m, model = r.method, r.model
-model.eval()
 state = m.state_dict()
 nbytes = {k: sum(t.numel() * t.element_size() for t in (v if isinstance(v, list) else [v])) for k, v in state.items()}
 print("stored state bytes", nbytes, "total", sum(nbytes.values()))

@@ -1,23 +1,11 @@
 """DDAS ablations on a finished moe-adapters run's final model (experts and routers as trained): where the final
 model's test images go and its Last accuracy, with (a) the run's autoencoders, (b) the task autoencoders retrained
 at a constant lr (ae_decay_epochs 0), (c) = (a) without the reference slot, (d) = (b) without it, (e) oracle task id."""
-import shutil
-import sys
-import tempfile
-from pathlib import Path
-
 import torch
 
-from loracl.runs.assembly import load_config
-from loracl.runs.runner import Runner
+from finished_run import finished_runner
 
-tmp = Path(tempfile.mkdtemp()) / "run"
-shutil.copytree(sys.argv[1], tmp)
-cfg = load_config(tmp / "config.yaml")
-cfg.eval.retention = None
-run = Runner(cfg, tmp, resume=True, progress=False, log=lambda *a, **k: None)
-assert run.prepare()[0] == len(run.scenario)
-run.model.eval()
+run = finished_runner(copy=True)
 m, model, tasks = run.method, run.model, run.scenario.tasks
 data = []
 for t in tasks:

@@ -1,23 +1,10 @@
 """Routing analysis of a finished moe-adapters run: per dataset, where DDAS sends its test images, and the
 accuracy of zero-shot CLIP, of the method (DDAS), and of the dataset's own router forced (oracle task id)."""
-import sys
-from pathlib import Path
-
 import torch
 
-import shutil
-import tempfile
+from finished_run import finished_runner
 
-from loracl.runs.assembly import load_config
-from loracl.runs.runner import Runner
-
-tmp = Path(tempfile.mkdtemp()) / "run"
-shutil.copytree(sys.argv[1], tmp)
-cfg = load_config(tmp / "config.yaml")
-cfg.eval.retention = None
-run = Runner(cfg, tmp, resume=True, progress=False, log=lambda *a, **k: None)
-assert run.prepare()[0] == len(run.scenario)
-run.model.eval()
+run = finished_runner(copy=True)
 m, model = run.method, run.model
 tasks = run.scenario.tasks
 print("threshold", m.cfg.threshold)
