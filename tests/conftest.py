@@ -56,6 +56,14 @@ TINY_CLIP = ["backbone.kind=open_clip", "backbone.name=loracl-tiny-clip", "backb
              "backbone.file=null", "backbone.kwargs={}", "backbone.cfg_overlay={}", "head.kind=text"]
 
 
+def clip_datasets(train: int, test: int) -> str:
+    """The --set of the two small datasets the tiny-CLIP runs use: CIFAR-10 and MNIST classes 0-3, `train` and
+    `test` images per class."""
+    per = f"max_per_class: {{train: {train}, test: {test}}}"
+    return (f"benchmark.datasets=[{{name: cifar10, root: '{{data_root}}/cifar10', classes: [0, 1, 2, 3], {per}}}, "
+            f"{{name: mnist, root: '{{data_root}}/mnist', classes: [0, 1, 2, 3], {per}}}]")
+
+
 def smoke_sets(**extra) -> list[str]:
     """--set overrides that make a preset run in seconds (tiny subsets, one short epoch)."""
     base = {"train.epochs": 1, "train.max_steps_per_epoch": 3, "eval.max_per_task": 40, "data.batch_size": 16,

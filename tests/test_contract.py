@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_CLIP, interrupted_at_step_checkpoint, smoke_sets
+from conftest import TINY_CLIP, clip_datasets, interrupted_at_step_checkpoint, smoke_sets
 from loracl.cli import main
 from loracl.methods import list_methods, lookup
 from loracl.runs.assembly import load_config
@@ -30,10 +30,7 @@ pytestmark = [pytest.mark.shared, pytest.mark.slow, pytest.mark.usefixtures("one
 METHODS = sorted(list_methods())
 TRAINS_NOTHING = {"zeroshot", "ncm", "rail"}
 TRAINS_FIRST_TASK_ONLY = {"ranpac"}  # its first-session adaptation
-CLIP = TINY_CLIP + [
-        "benchmark.datasets=[{name: cifar10, root: '{data_root}/cifar10', classes: [0, 1, 2, 3], "
-        "max_per_class: {train: 5, test: 3}}, {name: mnist, root: '{data_root}/mnist', classes: [0, 1, 2, 3], "
-        "max_per_class: {train: 5, test: 3}}]"]
+CLIP = TINY_CLIP + [clip_datasets(5, 3)]
 VIT = ["benchmark.num_tasks=2", "benchmark.datasets=[{name: cifar100, root: '{data_root}/cifar100', "
        "classes: [0, 1, 2, 3, 4, 5, 6, 7], max_per_class: {train: 5, test: 3}}]"]
 

@@ -8,14 +8,11 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal
 
-from conftest import TINY_CLIP, smoke_sets
+from conftest import TINY_CLIP, clip_datasets, smoke_sets
 from loracl.methods.diki import gaussian, log_likelihoods, prompt_weight
 from loracl.runs.assembly import load_config
 
-CLIP = TINY_CLIP + [
-        "benchmark.datasets=[{name: cifar10, root: '{data_root}/cifar10', classes: [0, 1, 2, 3], "
-        "max_per_class: {train: 40, test: 5}}, {name: mnist, root: '{data_root}/mnist', classes: [0, 1, 2, 3], "
-        "max_per_class: {train: 40, test: 5}}]"]
+CLIP = TINY_CLIP + [clip_datasets(40, 5)]
 
 
 def test_log_likelihoods_equal_torch_multivariate_normal():

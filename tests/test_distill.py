@@ -7,16 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_CLIP, smoke_sets
+from conftest import TINY_CLIP, clip_datasets, smoke_sets
 from loracl.cl.distill import clip_distillation, interpolate_, soft_cross_entropy
 from loracl.engine import Batch
 from loracl.runs.assembly import load_config
 from loracl.runs.runner import Runner
 
-CLIP = TINY_CLIP + [
-        "benchmark.datasets=[{name: cifar10, root: '{data_root}/cifar10', classes: [0, 1, 2, 3], "
-        "max_per_class: {train: 4, test: 3}}, {name: mnist, root: '{data_root}/mnist', classes: [0, 1, 2, 3], "
-        "max_per_class: {train: 4, test: 3}}]"]
+CLIP = TINY_CLIP + [clip_datasets(4, 3)]
 
 
 def test_soft_cross_entropy_is_kl_plus_entropy_times_t_squared():

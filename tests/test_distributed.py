@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, TINY_CLIP, smoke_sets
+from conftest import REPO, TINY_CLIP, clip_datasets, smoke_sets
 from loracl.methods import lookup
 from loracl.runs.statefile import load as load_checkpoint
 
@@ -38,9 +38,7 @@ SMALL = 'benchmark.datasets=[{name: cifar100, root: "{data_root}/cifar100", max_
 # Adam turns round-off in gradients that are zero in exact arithmetic (a key projection's bias: softmax
 # ignores it) into whole steps, so methods that train such weights are compared under plain SGD
 SGD = ["train.optimizer.name=sgd", "train.optimizer.lr=0.05"]
-CLIP_DATA = ("benchmark.datasets=[{name: cifar10, root: '{data_root}/cifar10', classes: [0, 1, 2, 3], "
-             "max_per_class: {train: 8, test: 10}}, {name: mnist, root: '{data_root}/mnist', classes: [0, 1, 2, 3], "
-             "max_per_class: {train: 8, test: 10}}]")
+CLIP_DATA = clip_datasets(8, 10)
 CASES = {
     "seq-lora": ("seq-lora", [], 6 + 4),  # six merged qkv weights, two head chunks
     "inflora": ("inflora", [SMALL], 6 + 4),

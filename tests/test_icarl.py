@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_CLIP, smoke_sets
+from conftest import TINY_CLIP, clip_datasets, smoke_sets
 from loracl.cl.herding import herding_order, keep_herded
 from loracl.cl.memory import EpisodicMemory
 from loracl.runs.assembly import load_config
@@ -51,10 +51,7 @@ def test_memory_keeps_equal_prefixes_of_each_task(monkeypatch):
     assert len(mem) == 0
 
 
-CLIP = TINY_CLIP + [
-        "benchmark.datasets=[{name: cifar10, root: '{data_root}/cifar10', classes: [0, 1, 2, 3], "
-        "max_per_class: {train: 5, test: 3}}, {name: mnist, root: '{data_root}/mnist', classes: [0, 1, 2, 3], "
-        "max_per_class: {train: 5, test: 3}}]"]
+CLIP = TINY_CLIP + [clip_datasets(5, 3)]
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY_CLIP, smoke_sets
+from conftest import TINY_CLIP, clip_datasets, smoke_sets
 from loracl.models.moe import ExpertMixture, cv_squared, noisy_top_k
 from loracl.runs.assembly import load_config
 from loracl.runs.runner import Runner
@@ -84,9 +84,7 @@ def test_mixture_runs_each_expert_on_its_samples_only():
 
 # ---- a tiny run on real data: a random tiny CLIP, two datasets ----------------------------------------------
 CLIP = TINY_CLIP + [
-        "benchmark.datasets=[{name: cifar10, root: '{data_root}/cifar10', classes: [0, 1, 2, 3], "
-        "max_per_class: {train: 8, test: 4}}, {name: mnist, root: '{data_root}/mnist', classes: [0, 1, 2, 3], "
-        "max_per_class: {train: 8, test: 4}}]",
+        clip_datasets(8, 4),
         "method.reference={name: tiny_imagenet, root: '{data_root}/tiny_imagenet32', "
         "max_per_class: {train: 2, test: 1}}", "method.ref_steps=5", "method.ae_steps=10", "method.experts=4",
         "train.optimizer.lr=0.05"]
