@@ -94,11 +94,12 @@ def class_name(row: dict) -> str:
     return row["lemmas"][0]
 
 
-def captions(row: dict, k: int = 24) -> list[str]:
-    """k captions for one class: half lemma templates, a quarter hypernyms, a quarter the gloss."""
+def captions(row: dict, k: int = 24, hypernyms: int = 3) -> list[str]:
+    """k captions for one class: half lemma templates, a quarter the `hypernyms` nearest non-generic hypernyms
+    (0: all of the chain), a quarter the gloss."""
     binomial = re.compile(r"^[A-Z][a-z]+ [a-z]+$")  # Latin names ("Rana catesbeiana") teach no common word
     lemmas = [row["lemmas"][0]] + [l for l in row["lemmas"][1:3] if not binomial.match(l)]
-    hypers = [h for h in row["hypernyms"] if h not in GENERIC][:3]
+    hypers = [h for h in row["hypernyms"] if h not in GENERIC][:hypernyms or None]
     lem = [t.format(l) for l in lemmas for t in LEMMA_TEMPLATES]
     hyp = [t.format(l=lemmas[0], h=h) for h in hypers for t in HYPERNYM_TEMPLATES] or lem
     glo = [f"a photo of a {l}, {row['gloss']}." for l in lemmas] + [f"{row['gloss']}."]
@@ -213,7 +214,8 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, logit_
 
 
 # the arguments a resumed run must share with the run that wrote the resume state
-RECIPE_ARGS = ("init_image", "epochs", "views", "unlock_epochs", "batch", "lr", "unlock_lr", "wd", "seed", "limit")
+RECIPE_ARGS = ("init_image", "epochs", "views", "unlock_epochs", "batch", "lr", "unlock_lr", "wd", "seed", "limit",
+               "captions", "hypernyms")
 
 
 class Stopped(Exception):
@@ -443,6 +445,10 @@ def main(argv=None):
     p.add_argument("--views", type=int, default=2, choices=(1, 2),
                    help="locked phase: features of the image only (1) or also of its mirror (2)")
     p.add_argument("--unlock-epochs", type=int, default=0, help="epochs of training every weight afterwards")
+    p.add_argument("--captions", type=int, default=24, help="captions per class (half lemmas, a quarter hypernyms, "
+                                                            "a quarter the gloss)")
+    p.add_argument("--hypernyms", type=int, default=3, help="the nearest non-generic hypernyms captions name (0: the "
+                                                            "whole chain up to 'animal', 'vehicle', ...)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--unlock-lr", type=float, default=2e-4)
@@ -481,7 +487,7 @@ def main(argv=None):
     if args.limit:
         keep = np.sort(np.random.default_rng(args.seed).permutation(len(y))[:args.limit])
         x, y = x[keep], y[keep]
-    caps = [captions(r) for r in rows]
+    caps = [captions(r, args.captions, args.hypernyms) for r in rows]
     k = len(caps[0])
     tokens = tokenizer([c for cs in caps for c in cs])
 
@@ -523,7 +529,8 @@ def main(argv=None):
         "preprocessing": {"size": 32, "mean": MEAN, "std": STD, "note": "open_clip's defaults; no resize for 32 px"},
         "data": {"images": "Tiny-ImageNet-200 train, 100,000 images at 32 px (../shared/data/tiny_imagenet32/train.zip)",
                  "captions": f"{k} per class from wordnet.tsv: lemma templates {LEMMA_TEMPLATES}, hypernym "
-                             f"templates {HYPERNYM_TEMPLATES} (3 nearest non-generic hypernyms), gloss",
+                             f"templates {HYPERNYM_TEMPLATES} "
+                             f"({args.hypernyms or 'all'} nearest non-generic hypernyms), gloss",
                  "example_captions": caps[2][::4]},
         "recipe": {"image_tower_init": Path(args.init_image).name if args.init_image != "none" else "random",
                    "locked_epochs": args.epochs, "locked_views": args.views, "unlocked_epochs": args.unlock_epochs, "batch": args.batch,

@@ -109,7 +109,7 @@ def test_fixture_script_resumes_to_the_same_weights(tmp_path):
     y = np.repeat(np.arange(3), 64)
     tokens = open_clip.get_tokenizer(mcf.NAME)([f"a photo of a thing {c} {k}." for c in range(3) for k in range(2)])
     args = argparse.Namespace(init_image="none", epochs=2, views=2, unlock_epochs=1, batch=64, lr=2e-3,
-                              unlock_lr=2e-4, wd=0.05, seed=0, limit=None)
+                              unlock_lr=2e-4, wd=0.05, seed=0, limit=None, captions=24, hypernyms=3)
 
     def model():
         torch.manual_seed(0)
