@@ -1,6 +1,6 @@
 """What DIKI's selection does on each dataset's test images, after each task of a run.
 
-    python docs/scripts/diki_selection.py runs/mini-mtil-clip/diki/seed0
+    python docs/scripts/diki_selection.py runs/mini-mtil-clip-16/diki/seed0
 
 Per checkpoint and dataset: which learned task's Gaussian each image picks (fractions), the mean weight
 w = sigmoid(log p / divisor - 1), the mean best log-likelihood, and the accuracy with the selected prompt at
