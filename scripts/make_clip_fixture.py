@@ -202,6 +202,39 @@ def pooled_features(visual, x: np.ndarray, device, batch: int = 500, flip: bool 
         visual.proj = proj
 
 
+def split_at(visual, blocks: int):
+    """The image tower cut before its last `blocks` blocks: `head(x)` gives the tokens entering them (computed once
+    and cached when only those blocks train), `tail(tokens)` the projected pooled output from there."""
+    cut = len(visual.transformer.resblocks) - blocks
+
+    @torch.no_grad()
+    def head(x: torch.Tensor) -> torch.Tensor:
+        t = visual._embeds(x)
+        for blk in visual.transformer.resblocks[:cut]:
+            t = blk(t)
+        return t
+
+    def tail(t: torch.Tensor) -> torch.Tensor:
+        for blk in visual.transformer.resblocks[cut:]:
+            t = blk(t)
+        return visual._pool(t)[0] @ visual.proj
+
+    return head, tail
+
+
+@torch.no_grad()
+def block_inputs(head, x: np.ndarray, device, views: int, batch: int = 500) -> torch.Tensor:
+    """(views, N, tokens, width) fp16: the tokens entering the unlocked blocks for every image (and its mirror)."""
+    out = []
+    for flip in (False, True)[:views]:
+        parts = []
+        for k in range(0, len(x), batch):
+            xb = torch.from_numpy(x[k:k + batch]).to(device)
+            parts.append(head(to_input(xb.flip(2) if flip else xb)).half().cpu())
+        out.append(torch.cat(parts))
+    return torch.stack(out)
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, logit_scale) -> torch.Tensor:
@@ -215,7 +248,7 @@ def clip_loss(img: torch.Tensor, txt: torch.Tensor, labels: torch.Tensor, logit_
 
 # the arguments a resumed run must share with the run that wrote the resume state
 RECIPE_ARGS = ("init_image", "epochs", "views", "unlock_epochs", "batch", "lr", "unlock_lr", "wd", "seed", "limit",
-               "captions", "hypernyms")
+               "captions", "hypernyms", "unlock_blocks")
 
 
 class Stopped(Exception):
@@ -246,13 +279,13 @@ class ResumeState:
         torch.save(obj, tmp)
         tmp.replace(self.work / name)
 
-    def features(self, compute):
-        path = None if self.work is None else self.work / "features.pt"
+    def features(self, compute, name: str = "features.pt"):
+        path = None if self.work is None else self.work / name
         if path is not None and path.exists():
             log(f"image features from {path}")
             return torch.load(path)
         feats = compute()
-        self._save(feats, "features.pt")
+        self._save(feats, name)
         return feats
 
     def done(self, phase: str) -> int:
@@ -286,7 +319,9 @@ def train(model, x, y, tokens, caps_per_class, args, device, work: Path | None =
         history, epochs_done = list(st["history"]), dict(st["epochs"])
         log(f"resuming from {work}: {', '.join(f'{k} {v} epochs' for k, v in epochs_done.items())} done")
 
-    def run_phase(phase: str, epochs: int, params: list, lr: float, locked: bool, feats=None):
+    def run_phase(phase: str, epochs: int, params: list, lr: float, image_input: str, feats=None, tail=None):
+        """image_input: 'features' (pooled, cached), 'tokens' (cached inputs of the unlocked blocks, through `tail`)
+        or 'images' (augmented, through the whole tower)"""
         nonlocal trained_here
         start = resume.done(phase)
         if epochs <= 0 or start >= epochs:
@@ -314,9 +349,12 @@ def train(model, x, y, tokens, caps_per_class, args, device, work: Path | None =
                 lab = yt[idx]
                 cap = lab * caps_per_class + torch.randint(0, caps_per_class, (len(idx),), generator=gen)
                 txt = model.encode_text(tokens[cap].to(device))
-                if locked:
+                if image_input == "features":
                     view = torch.randint(0, len(feats), (len(idx),), generator=gen)
                     img = feats[view, idx].to(device) @ model.visual.proj
+                elif image_input == "tokens":
+                    view = torch.randint(0, len(feats), (len(idx),), generator=gen)
+                    img = tail(feats[view, idx].to(device).float())
                 else:
                     xb = augment(torch.from_numpy(x[idx.numpy()]), gen).to(device)
                     img = model.encode_image(to_input(xb))
@@ -352,10 +390,19 @@ def train(model, x, y, tokens, caps_per_class, args, device, work: Path | None =
             return f
 
         feats = resume.features(compute)
-        run_phase("locked", args.epochs, text_params + [model.visual.proj], args.lr, True, feats)
+        run_phase("locked", args.epochs, text_params + [model.visual.proj], args.lr, "features", feats)
         del feats
-    if args.unlock_epochs > 0:
-        run_phase("unlocked", args.unlock_epochs, list(model.parameters()), args.unlock_lr, False)
+    if args.unlock_epochs > 0 and args.unlock_blocks:
+        head, tail = split_at(model.visual, args.unlock_blocks)
+        cut = len(model.visual.transformer.resblocks) - args.unlock_blocks
+        block_in = resume.features(lambda: block_inputs(head, x, device, args.views), "tokens.pt")
+        trained = [p for n_, p in model.named_parameters() if not n_.startswith("visual.")
+                   or n_.startswith(("visual.ln_post", "visual.proj"))
+                   or any(n_.startswith(f"visual.transformer.resblocks.{i}.") for i in range(cut, cut + args.unlock_blocks))]
+        run_phase("unlocked", args.unlock_epochs, trained, args.unlock_lr, "tokens", block_in, tail)
+        del block_in
+    elif args.unlock_epochs > 0:
+        run_phase("unlocked", args.unlock_epochs, list(model.parameters()), args.unlock_lr, "images")
     return {"history": history}
 
 
@@ -449,6 +496,10 @@ def main(argv=None):
                                                             "a quarter the gloss)")
     p.add_argument("--hypernyms", type=int, default=3, help="the nearest non-generic hypernyms captions name (0: the "
                                                             "whole chain up to 'animal', 'vehicle', ...)")
+    p.add_argument("--unlock-blocks", type=int, default=0,
+                   help="unlocked phase: train only the image tower's last N blocks (and ln_post, proj) on the cached "
+                        "inputs of those blocks for each image and its mirror (--views), no crop: about N/6 of a "
+                        "whole-tower step on a CPU; 0: every weight, with crop and flip")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--unlock-lr", type=float, default=2e-4)
@@ -540,7 +591,10 @@ def main(argv=None):
                    "locked": "image tower frozen, its pooled features of each image (and its mirror with 2 views) computed "
                              "once; "
                              "trained: text tower, both projections, temperature",
-                   "unlocked": "every weight, random crop (pad 4) + flip", "seed": args.seed,
+                   "unlocked": (f"the image tower's last {args.unlock_blocks} blocks, ln_post and both projections, the "
+                                f"text tower and temperature, on the cached inputs of those blocks ({args.views} views)"
+                                if args.unlock_blocks else "every weight, random crop (pad 4) + flip"),
+                   "seed": args.seed,
                    "device": args.device, "threads": torch.get_num_threads()},
         "history": info["history"],
         "seconds": {"train": round(train_s, 1), "total": round(time.time() - t_start, 1)},

@@ -92,24 +92,48 @@ def test_keeplora_keeps_the_zero_shot_logits_of_a_protected_task(tmp_path):
     assert moved_kept < 0.25 * moved_loose, (moved_kept, moved_loose)
 
 
-def test_fixture_script_resumes_to_the_same_weights(tmp_path):
-    """scripts/make_clip_fixture.py stopped after one epoch (and after two) and run again ends with the weights of
-    an uninterrupted run, through both phases; another recipe refuses to continue the state."""
-    import argparse
+def _fixture_script():
     import importlib.util
-
-    import open_clip
 
     spec = importlib.util.spec_from_file_location("make_clip_fixture", REPO / "scripts" / "make_clip_fixture.py")
     mcf = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mcf)
+    return mcf
+
+
+def test_fixture_script_tower_split_is_the_tower(tmp_path):
+    """`--unlock-blocks`: the cached inputs of the last blocks, run through them, give the whole tower's output."""
+    import open_clip
+
+    mcf = _fixture_script()
+    mcf.register_config(tmp_path)
+    torch.manual_seed(0)
+    visual = open_clip.create_model(mcf.NAME).visual.eval()
+    x = torch.randn(4, 3, 32, 32)
+    for blocks in (1, 3):
+        head, tail = mcf.split_at(visual, blocks)
+        with torch.no_grad():
+            torch.testing.assert_close(tail(head(x)), visual(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("unlock_blocks", [0, 2])
+def test_fixture_script_resumes_to_the_same_weights(tmp_path, unlock_blocks):
+    """scripts/make_clip_fixture.py stopped after one epoch (and after two) and run again ends with the weights of
+    an uninterrupted run, through both phases; another recipe refuses to continue the state. With
+    `--unlock-blocks 2` the first blocks of the image tower keep their weights."""
+    import argparse
+
+    import open_clip
+
+    mcf = _fixture_script()
     mcf.register_config(tmp_path / "cfg")
     g = np.random.default_rng(0)
     x = g.integers(0, 256, (192, 32, 32, 3), dtype=np.uint8)
     y = np.repeat(np.arange(3), 64)
     tokens = open_clip.get_tokenizer(mcf.NAME)([f"a photo of a thing {c} {k}." for c in range(3) for k in range(2)])
     args = argparse.Namespace(init_image="none", epochs=2, views=2, unlock_epochs=1, batch=64, lr=2e-3,
-                              unlock_lr=2e-4, wd=0.05, seed=0, limit=None, captions=24, hypernyms=3)
+                              unlock_lr=2e-4, wd=0.05, seed=0, limit=None, captions=24, hypernyms=3,
+                              unlock_blocks=unlock_blocks)
 
     def model():
         torch.manual_seed(0)
@@ -127,6 +151,9 @@ def test_fixture_script_resumes_to_the_same_weights(tmp_path):
     a, b = whole.state_dict(), parts.state_dict()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    init, first = model().state_dict(), "visual.transformer.resblocks.0.attn.in_proj_weight"
+    last = "visual.transformer.resblocks.5.attn.in_proj_weight"
+    assert not torch.equal(a[last], init[last]) and torch.equal(a[first], init[first]) == (unlock_blocks > 0)
     args.lr = 1e-3
     with pytest.raises(SystemExit, match="--lr 0.002 there, 0.001 here"):
         mcf.train(model(), x, y, tokens, 2, args, "cpu", work)
