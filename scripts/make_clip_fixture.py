@@ -13,7 +13,9 @@ Recipe. The image tower is the ViT fixture (`assets/vit-s6-tin32`, pretrained su
 text tower and both projections are trained contrastively, as in LiT (Zhai et al. 2022): the image tower's
 pooled features are computed once per view (the image and its mirror), so one CPU epoch costs a text-tower
 pass instead of a ViT backward. `--unlock-epochs N` then trains every weight for N more epochs with crop
-and flip augmentation (meant for a GPU). `--init-image none` starts the image tower from random weights.
+and flip augmentation (meant for a GPU); with `--unlock-blocks K` only the image tower's last K blocks train
+(with ln_post, the projections and the text side), on their inputs computed once per view: a CPU option.
+`--init-image none` starts the image tower from random weights.
 
 Resumable: after every epoch the weights, optimiser, schedule and batch generator go to `OUT/.resume` (`--work`),
 with the locked phase's image features; the same command continues a stopped or killed run from its last finished
