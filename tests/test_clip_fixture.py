@@ -157,3 +157,18 @@ def test_fixture_script_resumes_to_the_same_weights(tmp_path, unlock_blocks):
     args.lr = 1e-3
     with pytest.raises(SystemExit, match="--lr 0.002 there, 0.001 here"):
         mcf.train(model(), x, y, tokens, 2, args, "cpu", work)
+
+
+@pytest.mark.shared
+def test_mini_mtil_clip_is_a_protocol_where_fine_tuning_matters(tmp_path):
+    """Issue 23's protocol: at least 4 datasets, each with the fixture's zero-shot accuracy at least twice chance
+    before any training (the values docs/keeplora.md reports), and hundreds of steps a task (PACS photo 132)."""
+    cfg = load_config(preset="mini-mtil-clip", method="zeroshot", sets=["threads=1"])
+    r = Runner(cfg, tmp_path, progress=False, log=lambda *a, **k: None)
+    tasks = r.scenario.tasks
+    steps = [-(-len(t.train) // cfg.data.batch_size) * cfg.train.epochs for t in tasks]
+    assert len(tasks) >= 4 and steps == [252, 132, 252, 252], steps
+    r.run()
+    before = json.loads((tmp_path / "results.json").read_text())["acc_before"]
+    assert before == pytest.approx([25.8, 32.47, 26.75, 26.25], abs=0.01)
+    assert all(acc / 100 >= 2 / len(t.class_ids) for acc, t in zip(before, tasks)), before
