@@ -28,13 +28,6 @@ def test_every_preset_validates(preset):
     assert cfg.method_name
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "docs" / "configs").glob("*.yaml")),
-                         ids=lambda p: p.stem)
-def test_every_config_in_the_docs_validates(path):  # the configs the docs measure stay runnable
-    cfg = load_config(path)
-    assert cfg.benchmark.datasets and cfg.method_name
-
-
 def test_unknown_key_names_key_and_file(tmp_path):
     doc = _minimal()
     doc["train"] = {"epochz": 3}
