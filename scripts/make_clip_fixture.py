@@ -188,20 +188,29 @@ def vit_fixture_to_open_clip(visual, state: dict) -> None:
     assert set(missing) == {"proj"} and not unexpected, (missing, unexpected)
 
 
+def pooled(visual):
+    """The image tower's pooled output before its projection, as a function of a normalised batch."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        proj, visual.proj = visual.proj, None
+        try:
+            return visual(x)
+        finally:
+            visual.proj = proj
+    return fn
+
+
 @torch.no_grad()
-def pooled_features(visual, x: np.ndarray, device, batch: int = 500, flip: bool = False) -> torch.Tensor:
-    """The image tower's pooled output before its projection, for every image."""
-    proj, visual.proj = visual.proj, None
-    try:
-        out = []
+def every_image(fn, x: np.ndarray, device, views: int, dtype=torch.float32, batch: int = 500) -> torch.Tensor:
+    """(views, N, ...): `fn` of every image (and of its mirror with 2 views), a batch at a time, kept on the CPU
+    as `dtype`."""
+    out = []
+    for flip in (False, True)[:views]:
+        parts = []
         for k in range(0, len(x), batch):
             xb = torch.from_numpy(x[k:k + batch]).to(device)
-            if flip:
-                xb = xb.flip(2)
-            out.append(visual(to_input(xb)).float())
-        return torch.cat(out)
-    finally:
-        visual.proj = proj
+            parts.append(fn(to_input(xb.flip(2) if flip else xb)).to(dtype).cpu())
+        out.append(torch.cat(parts))
+    return torch.stack(out)
 
 
 def split_at(visual, blocks: int):
@@ -222,19 +231,6 @@ def split_at(visual, blocks: int):
         return visual._pool(t)[0] @ visual.proj
 
     return head, tail
-
-
-@torch.no_grad()
-def block_inputs(head, x: np.ndarray, device, views: int, batch: int = 500) -> torch.Tensor:
-    """(views, N, tokens, width) fp16: the tokens entering the unlocked blocks for every image (and its mirror)."""
-    out = []
-    for flip in (False, True)[:views]:
-        parts = []
-        for k in range(0, len(x), batch):
-            xb = torch.from_numpy(x[k:k + batch]).to(device)
-            parts.append(head(to_input(xb.flip(2) if flip else xb)).half().cpu())
-        out.append(torch.cat(parts))
-    return torch.stack(out)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -321,9 +317,9 @@ def train(model, x, y, tokens, caps_per_class, args, device, work: Path | None =
         history, epochs_done = list(st["history"]), dict(st["epochs"])
         log(f"resuming from {work}: {', '.join(f'{k} {v} epochs' for k, v in epochs_done.items())} done")
 
-    def run_phase(phase: str, epochs: int, params: list, lr: float, image_input: str, feats=None, tail=None):
-        """image_input: 'features' (pooled, cached), 'tokens' (cached inputs of the unlocked blocks, through `tail`)
-        or 'images' (augmented, through the whole tower)"""
+    def run_phase(phase: str, epochs: int, params: list, lr: float, feats=None, encode=None):
+        """With `feats` (views, N, ...) cached per image, a batch's image embeddings are `encode` of one random view
+        each; without, the augmented images go through the whole tower."""
         nonlocal trained_here
         start = resume.done(phase)
         if epochs <= 0 or start >= epochs:
@@ -351,12 +347,9 @@ def train(model, x, y, tokens, caps_per_class, args, device, work: Path | None =
                 lab = yt[idx]
                 cap = lab * caps_per_class + torch.randint(0, caps_per_class, (len(idx),), generator=gen)
                 txt = model.encode_text(tokens[cap].to(device))
-                if image_input == "features":
+                if feats is not None:
                     view = torch.randint(0, len(feats), (len(idx),), generator=gen)
-                    img = feats[view, idx].to(device) @ model.visual.proj
-                elif image_input == "tokens":
-                    view = torch.randint(0, len(feats), (len(idx),), generator=gen)
-                    img = tail(feats[view, idx].to(device).float())
+                    img = encode(feats[view, idx].to(device))
                 else:
                     xb = augment(torch.from_numpy(x[idx.numpy()]), gen).to(device)
                     img = model.encode_image(to_input(xb))
@@ -384,27 +377,25 @@ def train(model, x, y, tokens, caps_per_class, args, device, work: Path | None =
     if args.epochs > 0 and resume.done("locked") < args.epochs:
         def compute():
             t0 = time.time()
-            f = torch.stack([pooled_features(model.visual, x, device, flip=fl).cpu()
-                             for fl in (False, True)[:args.views]])
+            f = every_image(pooled(model.visual), x, device, args.views)
             log(f"image features of {n} images x {args.views} views in {time.time() - t0:.0f}s")
             if not any(h["phase"] == "features" for h in history):
                 history.append({"phase": "features", "seconds": round(time.time() - t0, 1)})
             return f
 
         feats = resume.features(compute)
-        run_phase("locked", args.epochs, text_params + [model.visual.proj], args.lr, "features", feats)
+        run_phase("locked", args.epochs, text_params + [model.visual.proj], args.lr, feats, lambda f: f @ model.visual.proj)
         del feats
     if args.unlock_epochs > 0 and args.unlock_blocks:
         head, tail = split_at(model.visual, args.unlock_blocks)
-        cut = len(model.visual.transformer.resblocks) - args.unlock_blocks
-        block_in = resume.features(lambda: block_inputs(head, x, device, args.views), "tokens.pt")
-        trained = [p for n_, p in model.named_parameters() if not n_.startswith("visual.")
-                   or n_.startswith(("visual.ln_post", "visual.proj"))
-                   or any(n_.startswith(f"visual.transformer.resblocks.{i}.") for i in range(cut, cut + args.unlock_blocks))]
-        run_phase("unlocked", args.unlock_epochs, trained, args.unlock_lr, "tokens", block_in, tail)
+        block_in = resume.features(lambda: every_image(head, x, device, args.views, torch.float16), "tokens.pt")
+        v = model.visual
+        trained = (text_params + [v.proj] + list(v.ln_post.parameters())
+                   + list(v.transformer.resblocks[-args.unlock_blocks:].parameters()))
+        run_phase("unlocked", args.unlock_epochs, trained, args.unlock_lr, block_in, lambda t: tail(t.float()))
         del block_in
     elif args.unlock_epochs > 0:
-        run_phase("unlocked", args.unlock_epochs, list(model.parameters()), args.unlock_lr, "images")
+        run_phase("unlocked", args.unlock_epochs, list(model.parameters()), args.unlock_lr)
     return {"history": history}
 
 
