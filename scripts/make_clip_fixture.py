@@ -507,6 +507,14 @@ def main(argv=None):
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (continue later with "
                                                                 "the same command)")
     args = p.parse_args(argv)
+    layers = MODEL_CFG["vision_cfg"]["layers"]
+    if not 0 <= args.unlock_blocks <= layers:
+        p.error(f"--unlock-blocks {args.unlock_blocks}: the image tower has {layers} blocks (0: all of them train)")
+    if args.unlock_blocks and args.unlock_epochs <= 0:
+        p.error(f"--unlock-blocks {args.unlock_blocks} needs --unlock-epochs N > 0 (it says which blocks that phase trains)")
+    if args.hypernyms < 0 or args.captions < 4:
+        p.error(f"--hypernyms {args.hypernyms} / --captions {args.captions}: hypernyms >= 0 (0: the whole chain), "
+                f"captions >= 4 (a quarter of them name hypernyms)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

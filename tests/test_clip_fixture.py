@@ -172,3 +172,15 @@ def test_mini_mtil_clip_is_a_protocol_where_fine_tuning_matters(tmp_path):
     before = json.loads((tmp_path / "results.json").read_text())["acc_before"]
     assert before == pytest.approx([25.8, 32.47, 26.75, 26.25], abs=0.01)
     assert all(acc / 100 >= 2 / len(t.class_ids) for acc, t in zip(before, tasks)), before
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--unlock-blocks", "7", "--unlock-epochs", "1"], ["--unlock-blocks 7", "6 blocks"]),
+    (["--unlock-blocks", "2"], ["--unlock-blocks 2", "--unlock-epochs"]),
+    (["--hypernyms", "-1"], ["--hypernyms -1", "hypernyms >= 0"]),
+])
+def test_fixture_script_refuses_bad_options_in_one_line(argv, words, capsys):
+    with pytest.raises(SystemExit):
+        _fixture_script().main(argv)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert all(w in err for w in words), err
